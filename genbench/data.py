@@ -154,7 +154,9 @@ def _cifar10(split: str, image_size: int | None, root: Path | None, download: bo
     xs, ys = [], []
     for f in files:
         with open(base / f, "rb") as fh:
+            # The official files are Python 2 pickles: latin1 turns their keys into str.
             entry = pickle.load(fh, encoding="latin1")
+        entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
         xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         ys.append(np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64))
     x = torch.from_numpy(np.concatenate(xs))
@@ -251,6 +253,12 @@ def dataset_names() -> list[str]:
     return sorted(IMAGE_DATASETS) + sorted(POINT_DATASETS) + ["folder:PATH", "PATH.npz"]
 
 
+def check_name(name: str) -> None:
+    if name in POINT_DATASETS or name in IMAGE_DATASETS or name.startswith("folder:") or name.endswith(".npz"):
+        return
+    raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(dataset_names())}")
+
+
 def load(name: str, split: str = "train", *, root: str | Path | None = None, download: bool = False,
          image_size: int | None = None, seed: int = 0, size: int | None = None) -> Data:
     """Load `name` ('digits', 'fashion', 'cifar10', 'mnist', 'stacked-fashion', 'ring8', 'grid25',
@@ -266,4 +274,5 @@ def load(name: str, split: str = "train", *, root: str | Path | None = None, dow
         return IMAGE_DATASETS[name](**kw)
     if name.startswith("folder:") or name.endswith(".npz"):
         return _from_path(Path(name.removeprefix("folder:")), split, image_size)
-    raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(dataset_names())}")
+    check_name(name)
+    raise AssertionError("unreachable")

@@ -73,7 +73,7 @@ class SeedRNG:
         """[n, *shape] int64 of 64 random bits each; advances the counter by one call."""
         self.counter += 1
         per_image = math.prod(shape)
-        key = _mix(self.seeds ^ _mix(torch.tensor(self.counter * _GOLDEN, dtype=torch.int64,
+        key = _mix(self.seeds ^ _mix(torch.tensor(_u64((self.counter * _GOLDEN) % (1 << 64)), dtype=torch.int64,
                                                   device=self.device)))          # [n]
         elem = torch.arange(per_image, dtype=torch.int64, device=self.device) * _GOLDEN
         return _mix(key[:, None] + elem[None, :]).reshape(self.n, *shape)        # [n, *shape]

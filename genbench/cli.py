@@ -1,0 +1,198 @@
+"""genbench's command line: flags map onto configuration, nothing else happens here.
+
+Every user mistake ends as one line on stderr and exit code 2 (UserError), never a traceback.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from genbench.errors import UserError
+
+
+def user_errors(fn):
+    """Turn UserError into one clear line and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+def _csv(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="genbench")
+def main():
+    """genbench: train, sample and evaluate generative models of four families side by side."""
+
+
+@main.command("run")
+@click.option("--suite", "suite_name", default="smoke", show_default=True,
+              help="Suite name (suites/NAME.yaml) or a path to a suite YAML.")
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
+              show_default=True, help="Where run folders are written (<dir>/<suite>/<dataset>/<card>/seed<k>).")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder holding dataset files (CIFAR-10's cifar-10-batches-py/, Fashion-MNIST's .gz files).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seeds", type=int, default=None, help="Number of seeds per card (default: the suite's).")
+@click.option("--only", default=None, help="Comma-separated card names: run only these cards of the suite.")
+@click.option("--inception-weights", type=click.Path(dir_okay=False), default=None,
+              envvar="GENBENCH_INCEPTION_WEIGHTS", show_envvar=True,
+              help="Path to torch-fidelity's Inception weights (pt_inception-2015-12-05).")
+@click.option("--extractor", default=None, help="Score with this feature extractor instead of the suite's.")
+@click.option("--budget-kimg", type=float, default=None, help="Override the suite's training budget (kimg).")
+@click.option("--download", is_flag=True, help="Allow downloading missing datasets and weights (off by default).")
+@click.option("--dry-run", is_flag=True, help="Print the resolved configuration as JSON and exit.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@user_errors
+def run_cmd(suite_name, results_dir, data_root, device, seeds, only, inception_weights, extractor, budget_kimg,
+            download, dry_run, no_progress):
+    """Train, sample and evaluate every card of a suite; finished runs are skipped."""
+    from genbench.config import load_suite
+    from genbench.runner import RunOptions, plan, run_suite
+
+    suite = load_suite(suite_name)
+    opts = RunOptions(results_dir=results_dir, data_root=data_root, device=device, seeds=seeds, only=_csv(only),
+                      inception_weights=inception_weights, download=download, extractor=extractor,
+                      progress=not no_progress and not os.environ.get("CI"), budget_kimg=budget_kimg)
+    p = plan(suite, opts)
+    if dry_run:
+        click.echo(json.dumps(p.describe(), indent=2))
+        return
+    counts = run_suite(p, log=lambda s: click.echo(s, err=True))
+    click.echo(f"{suite.name}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v) +
+               f"; results in {results_dir / suite.name}")
+    if counts["failed"]:
+        sys.exit(1)
+
+
+@main.command("report")
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
+              show_default=True, help="Results tree to read.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where report.md, report.html and plots/ go (default: the results dir).")
+@user_errors
+def report_cmd(results_dir, out):
+    """Write report.md, a self-contained report.html and plots from a results tree."""
+    from genbench.report import write_report
+
+    if not results_dir.is_dir():
+        raise UserError(f"--results-dir {results_dir}: no such folder (run `genbench run` first)")
+    path = write_report(results_dir, out or results_dir)
+    click.echo(f"report: {path} and {Path(path).with_suffix('.html')}")
+
+
+@main.command("compare")
+@click.argument("baseline")
+@click.argument("current")
+@click.option("--summary-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the comparison table (Markdown) to this file, e.g. $GITHUB_STEP_SUMMARY.")
+@user_errors
+def compare_cmd(baseline, current, summary_out):
+    """Regression gate: exit 1 if CURRENT is worse than BASELINE beyond tolerance, 2 on unusable input."""
+    from genbench.compare import compare
+
+    result = compare(baseline, current)
+    click.echo(result.markdown)
+    if summary_out:
+        from genbench.store import atomic_write_bytes
+
+        atomic_write_bytes(summary_out, result.markdown.encode())
+    sys.exit(result.exit_code)
+
+
+@main.command("summarize")
+@click.argument("results_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@user_errors
+def summarize_cmd(results_dir, out):
+    """Write a small JSON summary of a results tree (a baseline for `genbench compare`)."""
+    from genbench.compare import summarize
+    from genbench.store import write_json
+
+    if not results_dir.is_dir():
+        raise UserError(f"{results_dir}: no such folder")
+    write_json(out, summarize(results_dir))
+    click.echo(f"summary: {out}")
+
+
+@main.command("list")
+def list_cmd():
+    """Print the suites, model cards, datasets, metrics and feature extractors genbench knows."""
+    from genbench import data
+    from genbench.config import CARDS_DIR, METRIC_GROUPS, SUITES_DIR, list_names
+    from genbench.evaluators import EXTRACTORS
+    from genbench.families import families
+    from genbench.store import HIGHER_IS_BETTER
+
+    def section(title, items):
+        click.echo(f"{title}:")
+        for it in items:
+            click.echo(f"  {it}")
+
+    suites = []
+    for n in list_names(SUITES_DIR):
+        try:
+            from genbench.config import load_suite
+
+            s = load_suite(n)
+            suites.append(f"{n:16s} v{s.version}  {', '.join(d.name for d in s.datasets)}: {', '.join(s.cards)}")
+        except UserError as e:
+            suites.append(f"{n:16s} (invalid: {e})")
+    section("suites", suites)
+    cards = []
+    for n in list_names(CARDS_DIR):
+        from genbench.config import load_card
+
+        try:
+            c = load_card(n)
+            cards.append(f"{n:16s} {c.family:10s} {c.description}")
+        except UserError as e:
+            cards.append(f"{n:16s} (invalid: {e})")
+    section("model cards", cards)
+    section("families", sorted(families()))
+    section("datasets", data.dataset_names())
+    section("metric groups (suite eval.metrics)", METRIC_GROUPS)
+    section("metrics (direction)", [f"{k:20s} {'higher' if v else 'lower'} is better"
+                                    for k, v in HIGHER_IS_BETTER.items()])
+    section("feature extractors", [f"{k:18s} fid/kid/prc: {v.fid_layer}, is: {v.isc_layer}"
+                                   for k, v in sorted(EXTRACTORS.items())])
+
+
+@main.group("evaluator")
+def evaluator_group():
+    """Domain classifiers that score small datasets."""
+
+
+@evaluator_group.command("train")
+@click.option("--dataset", type=click.Choice(["digits", "fashion"]), required=True,
+              help="Which classifier to train.")
+@click.option("--epochs", type=int, default=None, help="Epochs (default: 30 for digits, 6 for fashion).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Training seed.")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder holding the dataset files.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Weights file (default: the packaged genbench/evaluators/weights/DATASET.pt).")
+@user_errors
+def evaluator_train_cmd(dataset, epochs, seed, data_root, out):
+    """Train a domain classifier and write its weights; prints its test accuracy."""
+    from genbench.evaluators.classifier import train_classifier
+
+    epochs = epochs or {"digits": 30, "fashion": 6}[dataset]
+    r = train_classifier(dataset, epochs=epochs, seed=seed, out=out, data_root=data_root)
+    click.echo(json.dumps(r, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""The evaluation harness: samples -> uint8 -> features -> torch-fidelity's metric functions.
+
+Samples stream from the sampler straight into the feature extractor (no image files); FID, IS,
+KID and precision/recall all come from that one feature pass. Reference features are cached on disk,
+keyed by dataset, split, image size, count and the extractor's weights hash. The metric math is
+torch-fidelity's own (`*_features_to_metric`); genbench only feeds it.
+"""
+from __future__ import annotations
+
+import math
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+from torch_fidelity.metric_prc import (KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION, KEY_METRIC_RECALL,
+                                       prc_features_to_metric)
+from torch_fidelity.utils import create_feature_extractor
+
+from genbench import evaluators
+from genbench.data import Data, to_uint8
+from genbench.evaluators.classifier import file_sha256
+from genbench.families.base import Batch, GenerativeModel
+from genbench.modes import classifier_mode_stats, mixture_mode_stats
+from genbench.rng import SeedRNG
+from genbench.store import atomic_write_bytes
+from genbench.timing import SamplingTimer
+
+# metrics.json key <- torch-fidelity key
+FIDELITY_KEYS = {"fid": KEY_METRIC_FID, "is_mean": KEY_METRIC_ISC_MEAN, "is_std": KEY_METRIC_ISC_STD,
+                 "kid_mean": KEY_METRIC_KID_MEAN, "kid_std": KEY_METRIC_KID_STD,
+                 "precision": KEY_METRIC_PRECISION, "recall": KEY_METRIC_RECALL, "f_score": KEY_METRIC_F_SCORE}
+
+
+@dataclass
+class Extractor:
+    spec: evaluators.ExtractorSpec
+    module: torch.nn.Module
+    sha256: str | None
+    device: torch.device
+
+    @property
+    def layers(self) -> list[str]:
+        return list(dict.fromkeys([self.spec.fid_layer, self.spec.isc_layer]))
+
+    @torch.no_grad()
+    def __call__(self, x_uint8: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.module(x_uint8.to(self.device))
+        return {k: v.float() for k, v in zip(self.layers, feats)}
+
+
+def build_extractor(name: str, device: torch.device, *, inception_weights=None, download=False) -> Extractor:
+    weights = evaluators.check_extractor(name, inception_weights=inception_weights, download=download)
+    spec = evaluators.EXTRACTORS[name]
+    layers = list(dict.fromkeys([spec.fid_layer, spec.isc_layer]))
+    kwargs = {"feature_extractor_weights_path": weights} if name == evaluators.INCEPTION else {}
+    module = create_feature_extractor(spec.fidelity_name, layers, cuda=False, verbose=False, **kwargs)
+    return Extractor(spec, module.to(device), file_sha256(Path(weights)) if weights else None, device)
+
+
+def extract(extractor: Extractor, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """uint8 batches -> {layer: float32 [N, D] on CPU}."""
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in extractor.layers}
+    for xb in batches:
+        for k, v in extractor(xb).items():
+            out[k].append(v.cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def reference_features(extractor: Extractor, data: Data, n_real: int | None, cache_dir: Path | None,
+                       batch_size: int = 500) -> dict[str, torch.Tensor]:
+    n = len(data) if n_real is None else min(n_real, len(data))
+    key = (f"{data.name}-{data.split}-{tuple(data.x.shape[1:])}-{n}-{extractor.spec.name}-"
+           f"{(extractor.sha256 or 'nohash')[:16]}.pt").replace(" ", "").replace("/", "_")
+    path = Path(cache_dir) / key if cache_dir else None
+    if path is not None and path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    feats = extract(extractor, (data.x[i:min(i + batch_size, n)] for i in range(0, n, batch_size)))
+    if path is not None:
+        import io
+
+        buf = io.BytesIO()
+        torch.save(feats, buf)
+        atomic_write_bytes(path, buf.getvalue())
+    return feats
+
+
+def fidelity_metrics(fake: dict[str, torch.Tensor], real: dict[str, torch.Tensor], spec, groups,
+                     kid_subset_size: int = 1000, seed: int = 2020) -> dict[str, float]:
+    """FID / IS / KID / precision-recall from features, with torch-fidelity's own functions."""
+    out: dict = {}
+    ff, fr = fake[spec.fid_layer], real[spec.fid_layer]
+    if "fid" in groups:
+        out.update(fid_statistics_to_metric(fid_features_to_statistics(ff), fid_features_to_statistics(fr),
+                                            verbose=False))
+    if "isc" in groups:
+        out.update(isc_features_to_metric(fake[spec.isc_layer], splits=10, rng_seed=seed))
+    if "kid" in groups:
+        subset = min(kid_subset_size, len(ff), len(fr))
+        out.update(kid_features_to_metric(ff, fr, kid_subset_size=subset, verbose=False, rng_seed=seed))
+    if "prc" in groups:
+        out.update(prc_features_to_metric(ff, fr, verbose=False))
+    return {ours: float(out[theirs]) for ours, theirs in FIDELITY_KEYS.items() if theirs in out}
+
+
+def balanced_labels(n: int, num_classes: int, offset: int = 0) -> torch.Tensor:
+    """Label of image k is k mod C: depends on the image index only, so batching changes nothing."""
+    return torch.arange(offset, offset + n) % num_classes
+
+
+def sample_stream(model: GenerativeModel, n: int, seed: int, batch_size: int, sampler: dict,
+                  timer: SamplingTimer | None = None, progress: Callable[[int], None] | None = None):
+    """Yield batches of samples (model output range) for images 0..n-1 of run seed `seed`."""
+    device = model.device
+    rng = SeedRNG.for_run(seed, n, device=device)
+    for i in range(0, n, batch_size):
+        j = min(i + batch_size, n)
+        labels = (balanced_labels(j - i, model.spec.num_classes, i).to(device)
+                  if model.conditional else None)
+        with torch.no_grad():
+            if timer is not None:
+                with timer.batch(j - i):
+                    x = model.sample(rng[i:j], labels=labels, **sampler)
+            else:
+                x = model.sample(rng[i:j], labels=labels, **sampler)
+        if progress:
+            progress(j - i)
+        yield x
+
+
+def evaluate_samples(model: GenerativeModel, *, seed: int, n_fake: int, sampler: dict, groups,
+                     ref: Data, extractor: Extractor | None, real_feats: dict | None,
+                     batch_size: int = 250, kid_subset_size: int = 1000, timer: SamplingTimer | None = None,
+                     keep: int = 0, progress=None) -> tuple[dict, torch.Tensor | None]:
+    """Sample n_fake images and score them. Returns (metrics, first `keep` samples for a grid)."""
+    kept: list[torch.Tensor] = []
+    metrics: dict[str, float] = {}
+    stream = sample_stream(model, n_fake, seed, batch_size, sampler, timer, progress)
+    if not ref.is_image:   # 2-D points: mode statistics against the mixture's known modes
+        pts = torch.cat([x.float().cpu() for x in stream])
+        if "modes" in groups:
+            metrics.update(mixture_mode_stats(pts, ref.mode_centers, ref.mode_std))
+        return metrics, pts[:keep] if keep else None
+
+    def uint8_batches():
+        for x in stream:
+            if not torch.isfinite(x).all():
+                raise FloatingPointError("samples hold NaN/inf")
+            u8 = to_uint8(x)
+            if keep and sum(len(k) for k in kept) < keep:
+                kept.append(u8[: keep - sum(len(k) for k in kept)].cpu())
+            yield u8
+
+    fake = extract(extractor, uint8_batches())
+    metrics.update(fidelity_metrics(fake, real_feats, extractor.spec, groups, kid_subset_size, seed))
+    if "modes" in groups and extractor.spec.num_modes:
+        probs = F.softmax(fake[extractor.spec.isc_layer].double(), dim=1)
+        metrics.update(classifier_mode_stats(probs))
+    return metrics, (torch.cat(kept) if kept else None)
+
+
+@torch.no_grad()
+def likelihood_metrics(model: GenerativeModel, test: Data, groups, max_n: int = 1000,
+                       batch_size: int = 250) -> dict[str, float]:
+    """nll_bpd (where the family has one) and the family's extra metrics on held-out data."""
+    n = min(max_n, len(test))
+    out: dict[str, float] = {}
+    sums: dict[str, float] = {}
+    for i in range(0, n, batch_size):
+        j = min(i + batch_size, n)
+        y = test.y[i:j].to(model.device) if test.y is not None else None
+        batch = Batch(test.model_input(slice(i, j)).to(model.device), y)
+        vals = dict(model.extra_metrics(batch))
+        if "nll" in groups:
+            nll = model.nll_bpd(batch)
+            if nll is not None:
+                vals["nll_bpd"] = nll
+        for k, v in vals.items():
+            if v is not None:
+                sums[k] = sums.get(k, 0.0) + float(v) * (j - i)
+    for k, v in sums.items():
+        out[k] = v / n
+    return out
+
+
+def provenance(extractor: Extractor | None, *, n_real: int | None, n_fake: int, ref_split: str,
+               image_size, device, seed: int) -> dict:
+    import torch_fidelity
+
+    import genbench
+
+    return {
+        "extractor": extractor.spec.name if extractor else "mixture-modes",
+        "extractor_sha256": extractor.sha256 if extractor else None,
+        "prc_features": extractor.spec.fid_layer if extractor else None,
+        "n_real": n_real, "n_fake": n_fake, "ref_split": ref_split, "image_size": image_size,
+        "versions": {"genbench": genbench.__version__, "torch": torch.__version__,
+                     "torch_fidelity": torch_fidelity.__version__, "python": platform.python_version()},
+        "device": str(device) if str(device) == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
+        "seed": seed,
+    }
+
+
+def finite(d: dict) -> bool:
+    return all(not isinstance(v, float) or math.isfinite(v) for v in d.values())

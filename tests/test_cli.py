@@ -1,0 +1,112 @@
+"""The command line through click's CliRunner: the happy path, resume, and every bad input."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from genbench import store
+from genbench.cli import main
+from helpers import write_suite
+
+
+def invoke(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return r
+
+
+def assert_one_line_error(r, *needles):
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    assert "Traceback" not in r.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_list_names_everything():
+    r = invoke("list")
+    assert r.exit_code == 0
+    for needle in ("suites:", "smoke", "model cards:", "vae", "datasets:", "cifar10", "ring8",
+                   "feature extractors:", "inception-v3-compat", "digits", "fid"):
+        assert needle in r.output
+
+
+def test_dry_run_prints_resolved_config(tmp_path):
+    r = invoke("run", "--suite", write_suite(tmp_path), "--dry-run", "--device", "cpu",
+               "--results-dir", tmp_path / "res")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads(r.output)
+    assert cfg["runs"] == ["digits/vae/seed0"] and cfg["cards"][0]["params"]["z_dim"] == 4
+    assert not (tmp_path / "res").exists()
+
+
+def test_run_then_rerun_skips(tmp_path):
+    suite = write_suite(tmp_path, every_kimg=0.1)
+    res = tmp_path / "res"
+    r = invoke("run", "--suite", suite, "--results-dir", res, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    rdir = store.run_dir(res, "tiny", "digits", "vae", 0)
+    m = json.loads((rdir / "metrics.json").read_text())
+    assert m["status"] == "complete"
+    for key in ("fid", "is_mean", "kid_mean", "precision", "recall", "modes_covered", "nll_bpd"):
+        assert isinstance(m["metrics"][key], float | int), key
+    assert m["sampling"]["nfe"] == 1 and m["sampling"]["img_per_s"] > 0
+    assert m["provenance"]["extractor"] == "digits" and len(m["provenance"]["extractor_sha256"]) == 64
+    for f in ("config.json", "curves.csv", "train_log.csv", "samples.png"):
+        assert (rdir / f).is_file(), f
+    assert not (rdir / "checkpoint.pt").exists()
+    assert (rdir / "curves.csv").read_text().count("\n") >= 2    # cheap evals every 0.1 kimg
+    before = (rdir / "metrics.json").stat().st_mtime_ns
+    r = invoke("run", "--suite", suite, "--results-dir", res, "--device", "cpu")
+    assert r.exit_code == 0 and "skipped" in r.output
+    assert (rdir / "metrics.json").stat().st_mtime_ns == before
+    df = store.load_results(res)
+    assert len(df) == 1 and df.loc[0, "card"] == "vae" and df.loc[0, "fid"] == m["metrics"]["fid"]
+
+
+def test_unknown_suite(tmp_path):
+    assert_one_line_error(invoke("run", "--suite", "nosuch"), "unknown suite 'nosuch'", "smoke")
+
+
+def test_unknown_card_in_only(tmp_path):
+    assert_one_line_error(invoke("run", "--suite", write_suite(tmp_path), "--only", "biggan"), "biggan", "vae")
+
+
+def test_unknown_dataset_and_extractor(tmp_path):
+    r = invoke("run", "--suite", write_suite(tmp_path, dataset="imagenet"), "--results-dir", tmp_path / "r",
+               "--device", "cpu")
+    assert_one_line_error(r, "unknown dataset 'imagenet'")
+    assert not (tmp_path / "r").exists()
+    r = invoke("run", "--suite", write_suite(tmp_path), "--extractor", "clip", "--dry-run")
+    assert_one_line_error(r, "unknown extractor 'clip'", "inception-v3-compat")
+
+
+def test_unknown_metric(tmp_path):
+    p = write_suite(tmp_path, metrics=["fid", "fvd"])
+    assert_one_line_error(invoke("run", "--suite", p, "--dry-run"), "unknown metric 'fvd'")
+
+
+def test_missing_data_says_where_it_looked(tmp_path):
+    p = write_suite(tmp_path, dataset="cifar10", extractor="digits")
+    r = invoke("run", "--suite", p, "--data-root", tmp_path / "nodata", "--results-dir", tmp_path / "r",
+               "--device", "cpu")
+    assert_one_line_error(r, "cifar-10-batches-py", "--data-root")
+    assert not (tmp_path / "r").exists(), "nothing may be half-written on bad input"
+
+
+def test_missing_inception_weights_fails_before_training(tmp_path):
+    p = write_suite(tmp_path, dataset="cifar10", extractor="inception-v3-compat")
+    r = invoke("run", "--suite", p, "--results-dir", tmp_path / "r", "--device", "cpu")
+    assert_one_line_error(r, "--inception-weights PATH", "GENBENCH_INCEPTION_WEIGHTS")
+    assert not (tmp_path / "r").exists()
+    r = invoke("run", "--suite", "cifar10", "--dry-run")
+    assert_one_line_error(r, "--inception-weights PATH")
+
+
+def test_bad_device():
+    assert_one_line_error(invoke("run", "--device", "tpu", "--dry-run"), "--device")
+
+
+def test_report_on_missing_dir(tmp_path):
+    assert_one_line_error(invoke("report", "--results-dir", tmp_path / "none"), "no such folder")

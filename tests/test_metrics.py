@@ -1,0 +1,83 @@
+"""The harness's numbers: FID against its closed form, and equal to torch-fidelity's own pipeline."""
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+from genbench import evaluators
+from genbench.evaluate import fidelity_metrics
+
+SPEC = evaluators.ExtractorSpec("t", "t", "f", "l", None, None)
+
+
+def _gaussian(n, mu, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    return mu + torch.randn(n, len(mu), generator=g, dtype=torch.float64) * scale
+
+
+def test_fid_matches_closed_form_on_gaussians():
+    d = 8
+    mu1, mu2 = torch.zeros(d, dtype=torch.float64), torch.full((d,), 0.5, dtype=torch.float64)
+    s1, s2 = torch.linspace(0.5, 1.5, d, dtype=torch.float64), torch.linspace(1.0, 2.0, d, dtype=torch.float64)
+    a, b = _gaussian(200_000, mu1, s1, 0), _gaussian(200_000, mu2, s2, 1)
+    fid = fidelity_metrics({"f": a}, {"f": b}, SPEC, ["fid"])["fid"]
+    # Population value for diagonal covariances: |mu1-mu2|^2 + sum (s1 - s2)^2.
+    population = float(((mu1 - mu2) ** 2).sum() + ((s1 - s2) ** 2).sum())
+    assert fid == pytest.approx(population, rel=0.02)
+    # And exactly the Frechet distance of the sample statistics (matrix square root via scipy).
+    c1, c2 = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
+    m = (a.mean(0) - b.mean(0)).numpy()
+    exact = m @ m + np.trace(c1 + c2 - 2 * linalg.sqrtm(c1 @ c2).real)
+    assert fid == pytest.approx(exact, rel=1e-8)
+
+
+def test_fid_zero_for_identical_features_and_kid_prc_sane():
+    a = _gaussian(2000, torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64), 0).float()
+    m = fidelity_metrics({"f": a, "l": a}, {"f": a}, SPEC, ["fid", "kid", "prc"], kid_subset_size=500)
+    shifted = fidelity_metrics({"f": a + 1}, {"f": a}, SPEC, ["kid"], kid_subset_size=500)
+    assert abs(m["fid"]) < 1e-3
+    # KID's unbiased estimate over random subsets scatters around 0 for identical sets.
+    assert abs(m["kid_mean"]) < 0.05 < shifted["kid_mean"]
+    assert m["precision"] == 1.0 and m["recall"] == 1.0
+
+
+def test_our_metrics_equal_torch_fidelity_calculate_metrics():
+    """Same images, same registered extractor: our one-pass harness == torch-fidelity end to end."""
+    import torch_fidelity
+
+    from genbench.data import load
+    from genbench.evaluate import build_extractor, extract
+
+    real = load("digits", "train").x[:600]
+    fake = load("digits", "test").x[:300]
+    ext = build_extractor("digits", torch.device("cpu"))
+    ours = fidelity_metrics(extract(ext, [fake]), extract(ext, [real]), ext.spec, ["fid", "isc", "kid", "prc"],
+                            kid_subset_size=200, seed=2020)
+
+    class Wrap(torch.utils.data.Dataset):
+        def __init__(self, x):
+            self.x = x
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i]
+
+    theirs = torch_fidelity.calculate_metrics(
+        input1=Wrap(fake), input2=Wrap(real), cuda=False, isc=True, fid=True, kid=True, prc=True,
+        feature_extractor="genbench-digits", kid_subset_size=200, verbose=False, cache=False,
+        save_cpu_ram=True, batch_size=300)
+    assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-5)
+    assert ours["is_mean"] == pytest.approx(theirs["inception_score_mean"], rel=1e-5)
+    assert ours["kid_mean"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-4, abs=1e-7)
+    assert ours["precision"] == pytest.approx(theirs["precision"])
+    assert ours["recall"] == pytest.approx(theirs["recall"])
+
+
+def test_missing_inception_weights_is_one_clear_error(tmp_path):
+    with pytest.raises(evaluators.WeightsNotFound, match="--inception-weights PATH or set GENBENCH_INCEPTION"):
+        evaluators.check_extractor(evaluators.INCEPTION)
+    w = tmp_path / "w.pth"
+    w.write_bytes(b"x")
+    assert evaluators.check_extractor(evaluators.INCEPTION, inception_weights=w) == str(w)
