@@ -54,18 +54,24 @@ def main():
 @click.option("--budget-kimg", type=float, default=None, help="Override the suite's training budget (kimg).")
 @click.option("--download", is_flag=True, help="Allow downloading missing datasets and weights (off by default).")
 @click.option("--dry-run", is_flag=True, help="Print the resolved configuration as JSON and exit.")
+@click.option("--bf16/--no-bf16", default=True, show_default=True, help="bf16 autocast while sampling (CUDA only).")
+@click.option("--compile", "compile_mode", default="off", show_default=True,
+              type=click.Choice(["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]),
+              help="torch.compile the networks for sampling (CUDA; reduce-overhead adds CUDA graphs).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @user_errors
 def run_cmd(suite_name, results_dir, data_root, device, seeds, only, inception_weights, extractor, budget_kimg,
-            download, dry_run, no_progress):
+            download, dry_run, bf16, compile_mode, no_progress):
     """Train, sample and evaluate every card of a suite; finished runs are skipped."""
     from genbench.config import load_suite
+    from genbench.fastpath import FastPath
     from genbench.runner import RunOptions, plan, run_suite
 
     suite = load_suite(suite_name)
     opts = RunOptions(results_dir=results_dir, data_root=data_root, device=device, seeds=seeds, only=_csv(only),
                       inception_weights=inception_weights, download=download, extractor=extractor,
-                      progress=not no_progress and not os.environ.get("CI"), budget_kimg=budget_kimg)
+                      progress=not no_progress and not os.environ.get("CI"), budget_kimg=budget_kimg,
+                      fast=FastPath(bf16=bf16, compile=compile_mode))
     p = plan(suite, opts)
     if dry_run:
         click.echo(json.dumps(p.describe(), indent=2))
@@ -127,6 +133,45 @@ def summarize_cmd(results_dir, out):
     click.echo(f"summary: {out}")
 
 
+@main.command("bench")
+@click.option("--suite", "suite_name", default="smoke", show_default=True, help="Suite whose cards are timed.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-sizes", default="64", show_default=True, help="Comma-separated sampling batch sizes.")
+@click.option("--batches", type=int, default=2, show_default=True, help="Timed batches per point (after warm-up).")
+@click.option("--only", default=None, help="Comma-separated card names.")
+@click.option("--steps", type=int, default=None, help="Override the sampler's steps (diffusion cards).")
+@click.option("--bf16/--no-bf16", default=True, show_default=True, help="bf16 autocast while sampling (CUDA).")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+              help="channels_last memory format (CUDA, image models).")
+@click.option("--compile", "compile_mode", default="off", show_default=True,
+              type=click.Choice(["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]),
+              help="torch.compile mode for the networks (reduce-overhead adds CUDA graphs).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("results/bench.json"),
+              show_default=True, help="JSON file for the measurements.")
+@user_errors
+def bench_cmd(suite_name, device, batch_sizes, batches, only, steps, bf16, channels_last, compile_mode, out):
+    """Sampling cost of every card in a suite: img/s, ms/img, NFE, peak memory (untrained weights)."""
+    from genbench.bench import bench_suite, table
+    from genbench.config import load_suite
+    from genbench.fastpath import FastPath
+    from genbench.runner import resolve_device
+    from genbench.store import write_json
+
+    suite = load_suite(suite_name)
+    dev = resolve_device(device)
+    try:
+        sizes = [int(b) for b in _csv(batch_sizes)]
+    except ValueError:
+        raise UserError(f"--batch-sizes: {batch_sizes!r} is not a comma-separated list of integers") from None
+    if not sizes or min(sizes) < 1 or batches < 1:
+        raise UserError("--batch-sizes and --batches must be positive")
+    rows = bench_suite(suite, dev, sizes, batches, FastPath(bf16, channels_last, compile_mode), _csv(only),
+                       {"steps": steps} if steps else None, log=lambda s: click.echo(s, err=True))
+    write_json(out, {"suite": suite.name, "rows": rows})
+    click.echo(table(rows))
+    click.echo(f"bench: {out}")
+
+
 @main.command("list")
 def list_cmd():
     """Print the suites, model cards, datasets, metrics and feature extractors genbench knows."""
@@ -157,7 +202,8 @@ def list_cmd():
 
         try:
             c = load_card(n)
-            cards.append(f"{n:16s} {c.family:10s} {c.description}")
+            text = " ".join(c.description.split())
+            cards.append(f"{n:16s} {c.family:10s} {text[:90] + ('...' if len(text) > 90 else '')}")
         except UserError as e:
             cards.append(f"{n:16s} (invalid: {e})")
     section("model cards", cards)

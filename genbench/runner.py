@@ -23,6 +23,7 @@ from genbench.evaluate import (Extractor, build_extractor, evaluate_samples, lik
 from genbench.evaluators import auto_extractor, check_extractor
 from genbench.families import get_family
 from genbench.families.base import DataSpec
+from genbench.fastpath import FastPath, prepare
 from genbench.timing import SamplingTimer
 from genbench.train import train
 
@@ -39,6 +40,7 @@ class RunOptions:
     extractor: str | None = None      # overrides the suite's extractor
     progress: bool = True
     budget_kimg: float | None = None  # overrides the suite's budget (quick looks, tests)
+    fast: FastPath = FastPath()       # sampling fast path (bf16, channels_last on CUDA; compile opt-in)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -206,7 +208,7 @@ def run_one(p: Plan, ds, card: Card, seed: int, rdir: Path, extractor: Extractor
               "suite_version": suite.version, "dataset": ds.name, "card": card.name, "family": card.family,
               "seed": seed, "metrics": {}, "sampling": {}, "training": training, "provenance": prov, "sweeps": []}
     if not result.diverged:
-        model = result.model
+        model = prepare(result.model, p.device, opts.fast)
         record["metrics"], record["sampling"], grid = _evaluate_point(model, card.sampler, seed, ev, ref,
                                                                         extractor, real_feats, opts,
                                                                         keep=64 if ref.is_image else 2000)
@@ -228,9 +230,10 @@ def _evaluate_point(model, sampler: dict, seed: int, ev, ref, extractor, real_fe
     metrics, grid = evaluate_samples(model, seed=seed, n_fake=ev.n_fake, sampler=sampler, groups=ev.metrics,
                                      ref=ref, extractor=extractor, real_feats=real_feats, batch_size=ev.batch_size,
                                      kid_subset_size=ev.kid_subset_size, timer=timer, keep=keep,
-                                     progress=bar.update)
+                                     progress=bar.update, fast=opts.fast)
     bar.close()
-    sampling = {**timer.summary(model.nfe(**sampler), ev.batch_size), "sampler": sampler}
+    sampling = {**timer.summary(model.nfe(**sampler), ev.batch_size), "sampler": sampler,
+                "fast_path": opts.fast.describe(model.device)}
     return metrics, sampling, grid
 
 

@@ -3,8 +3,9 @@ import os
 import pytest
 import torch
 
-# Keep CPU tests predictable on a 2-core machine shared with other processes.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: the tiny test networks gain nothing from two, and two threads per process slow
+# everything down many times over when anything else runs on a 2-core machine.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -81,3 +81,17 @@ def test_missing_inception_weights_is_one_clear_error(tmp_path):
     w = tmp_path / "w.pth"
     w.write_bytes(b"x")
     assert evaluators.check_extractor(evaluators.INCEPTION, inception_weights=w) == str(w)
+
+
+def test_device_fid_statistics_match_torch_fidelity():
+    """The on-GPU statistics path (exercised here on the CPU) equals numpy's cov to float64 rounding."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    from genbench.evaluate import torch_fid_statistics
+
+    f = _gaussian(3000, torch.zeros(16, dtype=torch.float64), torch.linspace(0.1, 3, 16, dtype=torch.float64),
+                  3).float()
+    ours, theirs = torch_fid_statistics(f), fid_features_to_statistics(f)
+    assert ours["mu"].dtype == theirs["mu"].dtype and ours["sigma"].dtype == theirs["sigma"].dtype
+    np.testing.assert_allclose(ours["mu"], theirs["mu"], atol=1e-6)   # numpy sums in float32, we in float64
+    np.testing.assert_allclose(ours["sigma"], theirs["sigma"], rtol=1e-9, atol=1e-12)

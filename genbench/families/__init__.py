@@ -7,7 +7,7 @@ import importlib
 
 from genbench.families.base import FAMILIES, Batch, DataSpec, GenerativeModel, Phase, register_family
 
-FAMILY_MODULES: tuple[str, ...] = ("vae",)
+FAMILY_MODULES: tuple[str, ...] = ("vae", "gan", "diffusion", "vqvae")
 
 __all__ = ["Batch", "DataSpec", "GenerativeModel", "Phase", "register_family", "get_family", "families"]
 

@@ -1,0 +1,145 @@
+"""Evaluation speed and agreement: genbench's metric pass beside torch-fidelity's calculate_metrics on
+the same images (FID + IS + KID; N generated against N in-memory reference images at 32x32).
+
+The Inception weights cannot be fetched on an offline machine, so by default both sides load the same
+randomly initialised Inception (same architecture, same FLOPs, same numbers on both sides); pass
+--inception-weights for the canonical ones. Three timings:
+  torch-fidelity   calculate_metrics end to end, nothing cached, at its default batch size and at --batch
+  genbench cold    reference and generated features extracted, then the same metric functions
+  genbench warm    reference features cached on disk: generated features + metrics only
+
+    python bench/eval_vs_torch_fidelity.py --n 50000 --out results/bench_eval.json
+    python bench/eval_vs_torch_fidelity.py --device cpu --n 600 --batch 200   # wiring check on a CPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def random_inception_weights(path: Path, dev: torch.device) -> None:
+    """Write a seeded random state dict for torch-fidelity's InceptionV3 (its constructor insists on
+    loading weights, so construct it once with loading stubbed out)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    cls = FeatureExtractorInceptionV3
+    original = cls.load_state_dict
+    empty = Path(tempfile.mkdtemp()) / "empty.pt"
+    torch.save({}, empty)
+    torch.manual_seed(0)
+    try:
+        cls.load_state_dict = lambda self, sd, *a, **k: None
+        net = cls("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    finally:
+        cls.load_state_dict = original
+    # Random convolutions with untouched batch-norm statistics give near-constant features (FID ~ 1e-14);
+    # calibrate the running statistics on images so the features, and the FID, depend on the input.
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None            # cumulative average over the calibration batches
+    net.train().to(dev)
+    with torch.no_grad():
+        for i in range(4):
+            net(images(64, 100 + i, 1 + i % 4).to(dev))
+    torch.save({k: v.cpu() for k, v in net.state_dict().items()}, path)
+
+
+def images(n: int, seed: int, smooth: int) -> torch.Tensor:
+    """Structured uint8 [n, 3, 32, 32] images: low-frequency noise, upsampled (real vs fake differ in `smooth`)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 32 // smooth, 32 // smooth, generator=g)
+    x = torch.nn.functional.interpolate(low, size=(32, 32), mode="bilinear", align_corners=False)
+    return (x * 255).round().to(torch.uint8)
+
+
+class Tensors(torch.utils.data.Dataset):
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--n", type=int, default=50_000)
+    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--inception-weights", default=None)
+    ap.add_argument("--skip-default-batch", action="store_true", help="skip torch-fidelity at its default batch")
+    ap.add_argument("--out", type=Path, default=Path("results/bench_eval.json"))
+    a = ap.parse_args()
+    import torch_fidelity
+
+    from genbench.data import Data
+    from genbench.evaluate import build_extractor, extract, fidelity_metrics, reference_features
+
+    dev = torch.device(a.device)
+    work = Path(tempfile.mkdtemp())
+    weights = a.inception_weights
+    if weights is None:
+        weights = str(work / "inception-random.pth")
+        random_inception_weights(Path(weights), dev)
+    fake, real = images(a.n, 1, 4), images(a.n, 2, 2)
+    kw = dict(isc=True, fid=True, kid=True, verbose=False, cache=False, cuda=dev.type == "cuda",
+              feature_extractor_weights_path=weights, kid_subset_size=min(1000, a.n))
+    rows = {}
+
+    def tf_run(batch):
+        t = time.perf_counter()
+        m = torch_fidelity.calculate_metrics(input1=Tensors(fake), input2=Tensors(real), batch_size=batch, **kw)
+        return m, time.perf_counter() - t
+
+    if not a.skip_default_batch:
+        m, s = tf_run(64)
+        rows["torch_fidelity_batch64"] = {"wall_s": s, "fid": m["frechet_inception_distance"],
+                                          "is_mean": m["inception_score_mean"],
+                                          "kid_mean": m["kernel_inception_distance_mean"]}
+        print(f"torch-fidelity batch 64: {s:.1f} s", flush=True)
+    m, s = tf_run(a.batch)
+    ref = {"fid": m["frechet_inception_distance"], "is_mean": m["inception_score_mean"],
+           "kid_mean": m["kernel_inception_distance_mean"]}
+    rows[f"torch_fidelity_batch{a.batch}"] = {"wall_s": s, **ref}
+    print(f"torch-fidelity batch {a.batch}: {s:.1f} s", flush=True)
+
+    cache = work / "cache"
+    real_data = Data("bench-real", "test", real, None, 0)
+    for label in ("genbench_cold", "genbench_warm"):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        ext = build_extractor("inception-v3-compat", dev, inception_weights=weights)
+        real_feats = {k: v.to(dev) for k, v in reference_features(ext, real_data, None, cache,
+                                                                   batch_size=a.batch).items()}
+        fake_feats = extract(ext, (fake[i:i + a.batch] for i in range(0, a.n, a.batch)), to_cpu=False)
+        ours = fidelity_metrics(fake_feats, real_feats, ext.spec, ["fid", "isc", "kid"],
+                                kid_subset_size=min(1000, a.n), seed=2020)
+        s = time.perf_counter() - t
+        rel = {k: abs(ours[k] - ref[k]) / max(abs(ref[k]), 1e-12) for k in ref}
+        rows[label] = {"wall_s": s, **{k: ours[k] for k in ref}, "rel_diff_vs_torch_fidelity": rel}
+        print(f"{label}: {s:.1f} s, rel. diff {rel}", flush=True)
+    meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "n": a.n,
+            "batch": a.batch, "weights": "random (seeded)" if a.inception_weights is None else a.inception_weights,
+            "torch": torch.__version__, "torch_fidelity": torch_fidelity.__version__}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    tf = rows[f"torch_fidelity_batch{a.batch}"]["wall_s"]
+    print(f"\n{meta['device']}, {a.n} vs {a.n} images, FID+IS+KID, Inception weights: {meta['weights']}")
+    print("| pipeline | wall s | speed-up vs torch-fidelity (same batch) | FID | max rel. diff |")
+    print("|---|---:|---:|---:|---:|")
+    for k, r in rows.items():
+        d = max(r.get("rel_diff_vs_torch_fidelity", {"": 0.0}).values())
+        print(f"| {k} | {r['wall_s']:.1f} | {tf / r['wall_s']:.2f} | {r['fid']:.6g} | {d:.1e} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The GPU fast path for sampling, each part switchable: bf16 autocast, channels_last, torch.compile
+(optionally with CUDA graphs through mode="reduce-overhead"). Nothing here changes what a family
+computes, only how: the same seeds give the same images up to bf16 rounding.
+
+On CPU every part is off (bf16 autocast on CPU is slow and not what users run).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class FastPath:
+    bf16: bool = True             # autocast sampling to bf16 (CUDA only)
+    channels_last: bool = True    # NHWC weights and activations (CUDA only, image models)
+    compile: str = "off"          # torch.compile mode for the model's networks; opt-in
+
+    def describe(self, device: torch.device) -> dict:
+        on_cuda = torch.device(device).type == "cuda"
+        return {"bf16": self.bf16 and on_cuda, "channels_last": self.channels_last and on_cuda,
+                "compile": self.compile if on_cuda or self.compile == "off" else self.compile}
+
+
+def prepare(model: torch.nn.Module, device, fp: FastPath) -> torch.nn.Module:
+    """Apply memory format and compilation to `model` in place; returns it."""
+    on_cuda = torch.device(device).type == "cuda"
+    if on_cuda and fp.channels_last and getattr(model, "spec", None) is not None and model.spec.is_image:
+        model.to(memory_format=torch.channels_last)
+    if fp.compile != "off":
+        if fp.compile not in COMPILE_MODES:
+            raise ValueError(f"compile mode {fp.compile!r} is not one of {COMPILE_MODES}")
+        # Compile each child network in place: the sampling loop stays Python, every network
+        # call inside it runs the compiled graph (with CUDA graphs under reduce-overhead).
+        for child in model.children():
+            if any(True for _ in child.parameters()):
+                child.compile(mode=fp.compile, dynamic=False)
+    return model
+
+
+def autocast(device, fp: FastPath):
+    if torch.device(device).type == "cuda" and fp.bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,0 +1,168 @@
+"""The CI gate: exit 0 against itself, 1 on a regression, 2 on unusable input; tolerances, directions,
+ungated speed metrics, exact NFE, and summary files standing in for trees."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from genbench import compare as cmp
+from genbench import config
+from results_fixtures import write_run
+
+
+def tree(root: Path, *, fid=(10.0, 10.2, 9.8), precision=0.8, nfe=1, img_per_s=1000.0, status=None,
+         extractor="digits-classifier", sweep_fid=None, cards=("dcgan", "vae"), suite="gate-test") -> Path:
+    """A small tree: every card with one seed per entry of `fid` (FID shifted by card). The suite name
+    resolves to no suite file, so only the tolerance rules under test apply."""
+    for k, card in enumerate(cards):
+        for seed, f in enumerate(fid):
+            sweeps = []
+            if sweep_fid is not None:
+                sweeps = [{"name": "steps", "param": "steps", "value": v, "sampler": {"steps": v},
+                           "metrics": {"fid": sweep_fid + v / 100}, "sampling": {"nfe": v}} for v in (10, 100)]
+            write_run(root, card, seed, suite=suite, status=(status or {}).get((card, seed), "complete"),
+                      metrics={"fid": f + 10 * k, "precision": precision, "modes_covered": 10, "is_std": 0.3},
+                      sampling={"nfe": nfe, "img_per_s": img_per_s}, sweeps=sweeps, samples=False,
+                      extractor=extractor)
+    return root
+
+
+def test_tree_against_itself_passes(tmp_path):
+    t = tree(tmp_path / "t", sweep_fid=5.0)
+    r = cmp.compare(t, t)
+    assert r.exit_code == 0, r.markdown
+    assert "**No regression**" in r.markdown
+    assert "| gate-test | digits | dcgan | main | fid | ↓ |" in r.markdown
+    assert "steps (steps=10)" in r.markdown          # sweep points compared too
+    assert "is_std" not in r.markdown                 # no direction: not a gated quality
+
+
+def test_baseline_made_better_fails(tmp_path):
+    base = tree(tmp_path / "base", fid=(5.0, 5.2, 4.8))   # lower FID is better
+    cur = tree(tmp_path / "cur")
+    r = cmp.compare(base, cur)
+    assert r.exit_code == 1
+    line = next(l for l in r.markdown.splitlines() if "| dcgan | main | fid |" in l)
+    assert "REGRESSION" in line and "+5" in line and "2σ base" in line
+    # the other way round the current is better: no regression
+    r2 = cmp.compare(cur, base)
+    assert r2.exit_code == 0 and "better" in r2.markdown
+
+
+def test_higher_is_better_direction(tmp_path):
+    base = tree(tmp_path / "base", fid=(10.0,), precision=0.8)
+    assert cmp.compare(base, tree(tmp_path / "up", fid=(10.0,), precision=0.95)).exit_code == 0
+    assert cmp.compare(base, tree(tmp_path / "down", fid=(10.0,), precision=0.6)).exit_code == 1
+
+
+def test_default_relative_tolerance_with_one_seed(tmp_path):
+    base = tree(tmp_path / "base", fid=(10.0,), cards=("dcgan",))
+    assert cmp.compare(base, tree(tmp_path / "a", fid=(10.9,), cards=("dcgan",))).exit_code == 0
+    r = cmp.compare(base, tree(tmp_path / "b", fid=(11.5,), cards=("dcgan",)))
+    assert r.exit_code == 1 and "10% default" in r.markdown
+
+
+def test_suite_tolerances_are_absolute(tmp_path, monkeypatch):
+    suites = tmp_path / "suites"
+    suites.mkdir()
+    (suites / "tolsuite.yaml").write_text("name: tolsuite\nversion: 1\ndatasets: [digits]\ncards: [nosuchcard]\n"
+                                          "tolerances: {fid: 5.0}\n")
+    monkeypatch.setattr(config, "SUITES_DIR", suites)
+    assert cmp.suite_tolerances("tolsuite") == {"fid": 5.0}
+    base = tree(tmp_path / "base", fid=(10.0,), cards=("dcgan",), suite="tolsuite")
+    r = cmp.compare(base, tree(tmp_path / "cur", fid=(14.0,), cards=("dcgan",), suite="tolsuite"))
+    assert r.exit_code == 0 and "5 (suite)" in r.markdown
+    assert cmp.compare(base, tree(tmp_path / "worse", fid=(15.5,), cards=("dcgan",), suite="tolsuite")).exit_code == 1
+
+
+def test_speed_is_reported_not_gated(tmp_path):
+    base = tree(tmp_path / "base", img_per_s=1000.0)
+    r = cmp.compare(base, tree(tmp_path / "slow", img_per_s=100.0))
+    assert r.exit_code == 0, r.markdown
+    assert "worse (not gated)" in r.markdown
+
+
+def test_nfe_is_gated_exactly(tmp_path):
+    base = tree(tmp_path / "base", nfe=50)
+    for nfe in (49, 51):
+        r = cmp.compare(base, tree(tmp_path / f"n{nfe}", nfe=nfe))
+        assert r.exit_code == 1 and "REGRESSION: changed" in r.markdown
+
+
+def test_fewer_complete_runs_fail(tmp_path):
+    base = tree(tmp_path / "base")
+    cur = tree(tmp_path / "cur", status={("dcgan", 2): "diverged"})
+    r = cmp.compare(base, cur)
+    assert r.exit_code == 1
+    assert any("runs complete" in l and "REGRESSION" in l and "2/3" in l for l in r.markdown.splitlines())
+
+
+def test_missing_card_fails_missing_sweep_does_not(tmp_path):
+    base = tree(tmp_path / "base", sweep_fid=5.0)
+    r = cmp.compare(base, tree(tmp_path / "cur", cards=("dcgan",), sweep_fid=5.0))
+    assert r.exit_code == 1 and "REGRESSION: missing" in r.markdown
+    r = cmp.compare(base, tree(tmp_path / "nosweep"))
+    assert r.exit_code == 0 and "missing (not gated)" in r.markdown
+
+
+def test_changed_extractor_fails(tmp_path):
+    base = tree(tmp_path / "base")
+    cur = tree(tmp_path / "cur")
+    m = cur / "gate-test/digits/dcgan/seed0/metrics.json"
+    data = json.loads(m.read_text())
+    data["provenance"]["extractor_sha256"] = "cd" * 32
+    m.write_text(json.dumps(data))
+    r = cmp.compare(base, cur)
+    assert r.exit_code == 1 and "extractor changed" in r.markdown
+
+
+def test_summary_file_stands_in_for_the_tree(tmp_path):
+    t = tree(tmp_path / "t", sweep_fid=5.0)
+    s = cmp.write_summary(t, tmp_path / "baselines" / "smoke.json")
+    data = json.loads(s.read_text())
+    assert data["format"] == "genbench-summary" and data["version"] == 1
+    e = next(x for x in data["entries"] if x["card"] == "dcgan" and x["eval"] == "main" and x["metric"] == "fid")
+    assert e["n"] == 3 and e["mean"] == pytest.approx(10.0) and e["std"] == pytest.approx(0.2)
+    assert cmp.compare(s, t).exit_code == 0
+    assert cmp.compare(t, s).exit_code == 0
+    assert cmp.compare(s, tree(tmp_path / "worse", fid=(20.0, 20.2, 19.8))).exit_code == 1
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "bad-json", "no-status", "bad-summary", "wrong-format",
+                                  "entry-without-mean", "not-json-file"])
+def test_unusable_input_exits_2(tmp_path, case):
+    good = tree(tmp_path / "good")
+    bad = tmp_path / "bad"
+    if case == "empty":
+        bad.mkdir()
+    elif case in ("bad-json", "no-status"):
+        tree(bad)
+        m = bad / "gate-test/digits/vae/seed1/metrics.json"
+        m.write_text("{not json" if case == "bad-json" else json.dumps({"metrics": {}}))
+    elif case == "bad-summary":
+        bad = tmp_path / "s.json"
+        bad.write_text("{")
+    elif case == "wrong-format":
+        bad = tmp_path / "s.json"
+        bad.write_text(json.dumps({"format": "other", "entries": []}))
+    elif case == "entry-without-mean":
+        bad = tmp_path / "s.json"
+        bad.write_text(json.dumps({"format": "genbench-summary", "version": 1,
+                                   "entries": [{"suite": "s", "dataset": "d", "card": "c", "eval": "main",
+                                                "metric": "fid", "n": 1}], "runs": []}))
+    elif case == "not-json-file":
+        bad = tmp_path / "results.txt"
+        bad.write_text("hello")
+    for a, b in ((bad, good), (good, bad)):
+        r = cmp.compare(a, b)
+        assert r.exit_code == 2, (case, r.markdown)
+        assert "Unusable input" in r.markdown and str(bad) in r.markdown
+
+
+def test_summarize_raises_user_error_on_bad_tree(tmp_path):
+    from genbench.errors import UserError
+
+    with pytest.raises(UserError):
+        cmp.summarize(tmp_path / "nothing")
