@@ -50,7 +50,7 @@ class EvalConfig:
     every_kimg: float | None = None   # cheap evaluation interval for quality-vs-kimg curves
     cheap_n_fake: int = 256
     kid_subset_size: int = 1000
-    timing_batch_size: int = 64
+    n_likelihood: int = 1000          # held-out images for nll_bpd and the family's extra metrics
 
 
 @dataclass(frozen=True)

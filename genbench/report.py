@@ -536,24 +536,6 @@ def claims_section(doc: Doc, df: pd.DataFrame) -> None:
             doc.p("Published anchor: " + v.anchor + ".")
 
 
-def _fill_image_size(df: pd.DataFrame, runs: list[Run]) -> None:
-    """The store keeps only scalar provenance; an image size written as [C, H, W] is read back here."""
-    sizes = {}
-    for r in runs:
-        try:
-            v = (store.read_json(r.path / store.METRICS_FILE).get("provenance") or {}).get("image_size")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(v, list):
-            sizes[(r.suite, r.dataset, r.card, r.seed)] = "x".join(str(x) for x in v)
-    if not sizes or df.empty:
-        return
-    keys = zip(df["suite"].astype(str), df["dataset"].astype(str), df["card"].astype(str), df["seed"])
-    filled = [sizes.get((a, b, c, int(d)) if pd.notna(d) else None) for a, b, c, d in keys]
-    old = _col(df, "prov_image_size")
-    df["prov_image_size"] = [o if f is None else f for o, f in zip(old, filled)]
-
-
 def _quality(rows: pd.DataFrame) -> str:
     for m in ("fid", "kid_mean", "mode_kl", "nll_bpd", "recon_mse"):
         if m in rows and _numeric(rows[m]).size:
@@ -567,7 +549,6 @@ def build(results_dir: Path, out_dir: Path) -> Doc:
     doc = Doc()
     df = claims_mod.normalize(store.load_results(results_dir) if results_dir.is_dir() else None)
     runs = read_runs(results_dir)
-    _fill_image_size(df, runs)
     doc.h(1, "genbench report")
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     main = df[df["eval"] == "main"]

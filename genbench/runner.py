@@ -212,7 +212,8 @@ def run_one(p: Plan, ds, card: Card, seed: int, rdir: Path, extractor: Extractor
         record["metrics"], record["sampling"], grid = _evaluate_point(model, card.sampler, seed, ev, ref,
                                                                         extractor, real_feats, opts,
                                                                         keep=64 if ref.is_image else 2000)
-        record["metrics"].update(likelihood_metrics(model, test, ev.metrics))
+        record["metrics"].update(likelihood_metrics(model, test, ev.metrics, max_n=ev.n_likelihood,
+                                                    batch_size=ev.batch_size))
         if grid is not None:
             _save_grid(rdir / store.SAMPLES_FILE, grid, ref)
         for name, param, value, sampler in _sweep_points(suite, card):

@@ -120,7 +120,9 @@ ID_COLUMNS = ["suite", "dataset", "card", "family", "seed", "status", "eval", "s
 def _rows_of_run(m: dict, ids: dict) -> list[dict]:
     base = {**ids, "status": m.get("status")}
     train = {k: v for k, v in (m.get("training") or {}).items() if not isinstance(v, (dict, list))}
-    prov = {f"prov_{k}": v for k, v in (m.get("provenance") or {}).items() if not isinstance(v, (dict, list))}
+    # Scalars stay as they are; a list (image size [C, H, W]) becomes "CxHxW" so it fits one cell.
+    prov = {f"prov_{k}": ("x".join(map(str, v)) if isinstance(v, list) else v)
+            for k, v in (m.get("provenance") or {}).items() if not isinstance(v, dict)}
     prov.update({f"prov_{k}_version": v for k, v in ((m.get("provenance") or {}).get("versions") or {}).items()})
     main = {**base, "eval": "main", "sweep_param": None, "sweep_value": None,
             **(m.get("metrics") or {}), **(m.get("sampling") or {}), **train, **prov}
