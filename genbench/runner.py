@@ -6,6 +6,7 @@ goes on; a crashed run is recorded as `failed` (with its error) and retried on t
 """
 from __future__ import annotations
 
+import io
 import time
 import traceback
 from dataclasses import dataclass
@@ -208,6 +209,9 @@ def run_one(p: Plan, ds, card: Card, seed: int, rdir: Path, extractor: Extractor
               "suite_version": suite.version, "dataset": ds.name, "card": card.name, "family": card.family,
               "seed": seed, "metrics": {}, "sampling": {}, "training": training, "provenance": prov, "sweeps": []}
     if not result.diverged:
+        buf = io.BytesIO()
+        torch.save(result.model.state_dict(), buf)
+        store.atomic_write_bytes(rdir / store.MODEL_FILE, buf.getvalue())
         model = prepare(result.model, p.device, opts.fast)
         record["metrics"], record["sampling"], grid = _evaluate_point(model, card.sampler, seed, ev, ref,
                                                                         extractor, real_feats, opts,

@@ -4,6 +4,7 @@ into a pandas DataFrame (the only thing report, claims and compare read).
 Layout: <results>/<suite>/<dataset>/<card>/seed<k>/
     config.json    resolved suite/card/run configuration (written when the run starts)
     checkpoint.pt  training state for resume (removed once the run is finished)
+    model.pt       the final sampling weights (the EMA copy when enabled), for re-evaluation later
     train_log.csv  per-step training logs (losses, gradient norms): the stability log
     curves.csv     cheap evaluations during training (quality against kimg)
     samples.png    a grid of samples from the final model
@@ -28,6 +29,7 @@ CURVES_FILE = "curves.csv"
 TRAIN_LOG_FILE = "train_log.csv"
 SAMPLES_FILE = "samples.png"
 CHECKPOINT_FILE = "checkpoint.pt"
+MODEL_FILE = "model.pt"
 
 FINAL_STATUSES = ("complete", "diverged")   # a run in one of these is never redone
 STATUSES = FINAL_STATUSES + ("failed",)     # failed: crashed; rerun on the next `genbench run`

@@ -12,14 +12,6 @@ from genbench.families.diffusion import (cosine_betas, discretized_gaussian_log_
                                          make_betas, respaced_timesteps, stratum_edges)
 from genbench.rng import SeedRNG
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These networks are tiny: on a shared 2-core machine a second intra-op thread mostly spins
-    # (measured: 19 s of CPU for this suite with one thread, 141 s with two under load).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 Diffusion = get_family("diffusion")

@@ -21,15 +21,6 @@ SMALL = dict(z_dim=8, g_channels=8, d_channels=8, hidden=32, layers=2)
 LOG_KEYS = {"loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny nets: one thread avoids OpenMP oversubscription on a shared 2-core machine (10x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _batch(shape, n=8, seed=0, num_classes=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n, *shape, generator=g) * 2 - 1

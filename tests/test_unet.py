@@ -8,14 +8,6 @@ from genbench.families.unet import (Attention, EncoderClassifier, MLPDenoiser, R
                                     timestep_embedding)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These networks are tiny: on a shared 2-core machine a second intra-op thread mostly spins
-    # (measured: 19 s of CPU for this suite with one thread, 141 s with two under load).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
