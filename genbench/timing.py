@@ -52,13 +52,3 @@ class SamplingTimer:
                 "nfe": nfe, "peak_mem_mb": peak_memory_mb(self.device), "batch_size": batch_size,
                 "device": str(self.device), "timed_images": n, "warmup_batches": len(self.times) - len(timed)}
 
-
-def measure_sampling(sample_fn, *, n_batches: int, batch_size: int, device, nfe: int,
-                     warmup: int = 1) -> dict:
-    """Time `sample_fn(batch_index)` for warm-up + n_batches batches (used by `genbench bench`)."""
-    timer = SamplingTimer(device)
-    for b in range(warmup + n_batches):
-        with timer.batch(batch_size):
-            sample_fn(b)
-    timer.times = timer.times[warmup - 1:] if warmup >= 1 else timer.times
-    return timer.summary(nfe, batch_size)
