@@ -120,7 +120,7 @@ def plan(suite: Suite, opts: RunOptions) -> Plan:
 def check_data(p: Plan) -> None:
     """Load each dataset's train and reference split once, so missing data fails before training."""
     for ds in p.suite.datasets:
-        for split in {"train", p.suite.eval.ref_split}:
+        for split in {"train", "test", p.suite.eval.ref_split}:   # run_one reads all three
             _load(ds, split, p.opts)
 
 
@@ -130,7 +130,8 @@ _DATA_CACHE: dict = {}
 def _load(ds, split: str, opts: RunOptions, seed: int = 0) -> gdata.Data:
     key = (ds, split, str(opts.data_root), seed)
     if key not in _DATA_CACHE:
-        _DATA_CACHE.clear() if len(_DATA_CACHE) > 8 else None
+        if len(_DATA_CACHE) > 8:   # a suite holds a few datasets; bound memory on long suites
+            _DATA_CACHE.clear()
         _DATA_CACHE[key] = gdata.load(ds.name, split, root=opts.data_root, download=opts.download,
                                       image_size=ds.image_size, seed=seed, size=ds.size)
     return _DATA_CACHE[key]
