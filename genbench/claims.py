@@ -13,7 +13,8 @@ Rules (stated once, used everywhere; the report prints RULES):
 - "more diverged runs": one-sided Fisher exact test on diverged vs finished counts, 5% level.
 - Deterministic quantities (NFE, counts of diverged runs) are compared directly, whatever the seeds.
 - A claim is a conjunction of checks: in one scope it is contradicted if any check is contradicted,
-  supported if every measured check is supported, not measured if no check is. Across scopes:
+  supported only if every check was measured and is supported, not measured if no check is, and
+  inconclusive otherwise (a half-measured claim is not supported by the half that was). Across scopes:
   supported and contradicted scopes together make it inconclusive (mixed); otherwise the strongest
   verdict present wins (contradicted, then supported, then inconclusive).
 """
@@ -236,12 +237,12 @@ def any_of(text: str, checks: list[Check]) -> Check:
 
 def all_of(checks: list[Check]) -> str:
     """Conjunction rule for the checks of one claim in one scope."""
-    measured = [c.verdict for c in checks if c.verdict != NOT_MEASURED]
-    if not measured:
+    verdicts = [c.verdict for c in checks]
+    if all(v == NOT_MEASURED for v in verdicts):
         return NOT_MEASURED
-    if CONTRADICTED in measured:
+    if CONTRADICTED in verdicts:
         return CONTRADICTED
-    if all(v == SUPPORTED for v in measured):
+    if all(v == SUPPORTED for v in verdicts):
         return SUPPORTED
     return INCONCLUSIVE
 

@@ -58,10 +58,13 @@ def main():
 @click.option("--compile", "compile_mode", default="off", show_default=True,
               type=click.Choice(["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]),
               help="torch.compile the networks for sampling (CUDA; reduce-overhead adds CUDA graphs).")
+@click.option("--jobs", type=int, default=None,
+              help="Runs at once, in worker processes sharing the CPU threads (default: the suite's "
+                   "`jobs`, usually 1). Pays off for many small CPU runs, e.g. the mixtures suite.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @user_errors
 def run_cmd(suite_name, results_dir, data_root, device, seeds, only, inception_weights, extractor, budget_kimg,
-            download, dry_run, bf16, compile_mode, no_progress):
+            download, dry_run, bf16, compile_mode, jobs, no_progress):
     """Train, sample and evaluate every card of a suite; finished runs are skipped."""
     from genbench.config import load_suite
     from genbench.fastpath import FastPath
@@ -71,7 +74,7 @@ def run_cmd(suite_name, results_dir, data_root, device, seeds, only, inception_w
     opts = RunOptions(results_dir=results_dir, data_root=data_root, device=device, seeds=seeds, only=_csv(only),
                       inception_weights=inception_weights, download=download, extractor=extractor,
                       progress=not no_progress and not os.environ.get("CI"), budget_kimg=budget_kimg,
-                      fast=FastPath(bf16=bf16, compile=compile_mode))
+                      fast=FastPath(bf16=bf16, compile=compile_mode), jobs=jobs)
     p = plan(suite, opts)
     if dry_run:
         click.echo(json.dumps(p.describe(), indent=2))

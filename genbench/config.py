@@ -77,6 +77,7 @@ class Suite:
     overrides: dict = field(default_factory=dict)   # card name -> Card fields to replace/merge
     sweeps: tuple[Sweep, ...] = ()
     tolerances: dict = field(default_factory=dict)  # metric -> absolute tolerance for `compare`
+    jobs: int = 1              # runs at once (worker processes); for suites of many small CPU runs
     path: str = ""
 
 
@@ -176,6 +177,10 @@ def load_suite(name_or_path: str) -> Suite:
         ev = {**ev, "metrics": tuple(ev["metrics"])}
     sweeps = tuple(Sweep(**{**_build(Sweep, s, f"{where}: sweeps"), "values": tuple(s["values"]),
                             "cards": tuple(s.get("cards", ()))}) for s in d.pop("sweeps", []) or [])
+    for key in ("seeds", "jobs"):
+        v = d.get(key, 1)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UserError(f"{where}: {key!r} must be a whole number of at least 1, got {v!r}")
     overrides = d.pop("overrides", {}) or {}
     cards = tuple(d.pop("cards"))
     unknown_over = sorted(set(overrides) - set(cards))

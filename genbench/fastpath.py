@@ -2,7 +2,9 @@
 (optionally with CUDA graphs through mode="reduce-overhead"). Nothing here changes what a family
 computes, only how: the same seeds give the same images up to bf16 rounding.
 
-On CPU every part is off (bf16 autocast on CPU is slow and not what users run).
+On CPU every part is off (bf16 autocast on CPU is slow and not what users run), except bf16 when
+asked for explicitly with bf16_cpu: that is how bf16's effect on sample quality is checked on a
+machine without a GPU (bench/bf16_vs_fp32_quality.py).
 """
 from __future__ import annotations
 
@@ -19,10 +21,14 @@ class FastPath:
     bf16: bool = True             # autocast sampling to bf16 (CUDA only)
     channels_last: bool = True    # NHWC weights and activations (CUDA only, image models)
     compile: str = "off"          # torch.compile mode for the model's networks; opt-in
+    bf16_cpu: bool = False        # also autocast on CPU (slow; for quality checks off a GPU)
+
+    def uses_bf16(self, device) -> bool:
+        return self.bf16 and (torch.device(device).type == "cuda" or self.bf16_cpu)
 
     def describe(self, device: torch.device) -> dict:
         on_cuda = torch.device(device).type == "cuda"
-        return {"bf16": self.bf16 and on_cuda, "channels_last": self.channels_last and on_cuda,
+        return {"bf16": self.uses_bf16(device), "channels_last": self.channels_last and on_cuda,
                 "compile": self.compile if on_cuda or self.compile == "off" else self.compile}
 
 
@@ -43,6 +49,6 @@ def prepare(model: torch.nn.Module, device, fp: FastPath) -> torch.nn.Module:
 
 
 def autocast(device, fp: FastPath):
-    if torch.device(device).type == "cuda" and fp.bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if fp.uses_bf16(device):
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

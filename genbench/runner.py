@@ -6,9 +6,13 @@ goes on; a crashed run is recorded as `failed` (with its error) and retried on t
 """
 from __future__ import annotations
 
+import dataclasses
 import io
+import multiprocessing
+import os
 import time
 import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +45,7 @@ class RunOptions:
     extractor: str | None = None      # overrides the suite's extractor
     progress: bool = True
     budget_kimg: float | None = None  # overrides the suite's budget (quick looks, tests)
+    jobs: int | None = None           # runs at once in worker processes; None: the suite's `jobs`
     fast: FastPath = FastPath()       # sampling fast path (bf16, channels_last on CUDA; compile opt-in)
 
 
@@ -72,7 +77,7 @@ class Plan:
     def describe(self) -> dict:
         return {"suite": to_dict(self.suite), "cards": [to_dict(c) for c in self.cards], "seeds": self.seeds,
                 "device": str(self.device), "extractors": self.extractors,
-                "results_dir": str(self.opts.results_dir),
+                "results_dir": str(self.opts.results_dir), "jobs": effective_jobs(self),
                 "runs": [f"{ds.name}/{c.name}/seed{s}" for ds, c, s in self.runs()]}
 
 
@@ -96,6 +101,8 @@ def plan(suite: Suite, opts: RunOptions) -> Plan:
     n_seeds = opts.seeds if opts.seeds is not None else suite.seeds
     if n_seeds < 1:
         raise UserError("--seeds must be at least 1")
+    if opts.jobs is not None and opts.jobs < 1:
+        raise UserError("--jobs must be at least 1")
     extractors: dict[str, str | None] = {}
     for ds in suite.datasets:
         gdata.check_name(ds.name)
@@ -138,37 +145,77 @@ def _load(ds, split: str, opts: RunOptions, seed: int = 0) -> gdata.Data:
 
 
 def run_suite(p: Plan, log=print) -> dict[str, int]:
-    """Run every planned run; returns counts by outcome (complete, diverged, failed, skipped)."""
+    """Run every planned run; returns counts by outcome (complete, diverged, failed, skipped).
+
+    With more than one job, runs go to worker processes (spawned, so no thread pool is forked), each
+    with an even share of the CPU threads; finished-run lines are logged as runs end."""
     counts = {"complete": 0, "diverged": 0, "failed": 0, "skipped": 0}
     check_data(p)
-    extractor_cache: dict[str, Extractor] = {}
     runs = list(p.runs())
+    todo = []
     for i, (ds, card, seed) in enumerate(runs, 1):
-        rdir = store.run_dir(p.opts.results_dir, p.suite.name, ds.name, card.name, seed)
         tag = f"[{i}/{len(runs)}] {p.suite.name}/{ds.name}/{card.name}/seed{seed}"
-        if store.is_finished(rdir):
+        if store.is_finished(store.run_dir(p.opts.results_dir, p.suite.name, ds.name, card.name, seed)):
             counts["skipped"] += 1
             log(f"{tag}: finished earlier, skipped")
-            continue
-        ext_name = p.extractors[ds.name]
-        if ext_name and ext_name not in extractor_cache:
-            extractor_cache[ext_name] = build_extractor(ext_name, p.device, inception_weights=p.opts.inception_weights,
-                                                        download=p.opts.download)
-        t0 = time.time()
-        try:
-            status = run_one(p, ds, card, seed, rdir, extractor_cache.get(ext_name))
-        except UserError:
-            raise
-        except Exception as e:  # a crash in one run is recorded; the suite goes on
-            status = "failed"
-            store.write_json(rdir / store.METRICS_FILE, {
-                "status": "failed", "suite": p.suite.name, "dataset": ds.name, "card": card.name,
-                "family": card.family, "seed": seed, "error": f"{type(e).__name__}: {e}",
-                "traceback": traceback.format_exc(limit=5)})
-            log(f"{tag}: FAILED ({type(e).__name__}: {e})")
-        counts[status] += 1
-        log(f"{tag}: {status} in {time.time() - t0:.1f} s")
+        else:
+            todo.append((ds, card, seed, tag))
+    jobs = min(effective_jobs(p), len(todo)) if todo else 1
+    if jobs <= 1:
+        for ds, card, seed, tag in todo:
+            status, line = _run_logged(p, ds, card, seed, tag)
+            counts[status] += 1
+            log(line)
+        return counts
+    # Bars from several processes would overwrite each other: one line per finished run instead.
+    worker_plan = dataclasses.replace(p, opts=dataclasses.replace(p.opts, progress=False))
+    threads = max(1, torch.get_num_threads() // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        pending = {pool.submit(_run_logged, worker_plan, ds, card, seed, tag) for ds, card, seed, tag in todo}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                if fut.exception() is not None:   # a UserError: the same input fails every run
+                    for f in pending:
+                        f.cancel()
+                    raise fut.exception()
+                status, line = fut.result()
+                counts[status] += 1
+                log(line)
     return counts
+
+
+def effective_jobs(p: Plan) -> int:
+    """--jobs, else the suite's `jobs`, capped by the CPU count when running on the CPU."""
+    jobs = p.opts.jobs if p.opts.jobs is not None else p.suite.jobs
+    if p.device.type == "cpu":
+        jobs = min(jobs, os.cpu_count() or 1)
+    return max(1, jobs)
+
+
+_EXTRACTORS: dict[str, Extractor] = {}   # per process: built once, reused by every run
+
+
+def _run_logged(p: Plan, ds, card: Card, seed: int, tag: str) -> tuple[str, str]:
+    """One run with its crash recorded: (status, the line to log)."""
+    rdir = store.run_dir(p.opts.results_dir, p.suite.name, ds.name, card.name, seed)
+    ext_name = p.extractors[ds.name]
+    if ext_name and ext_name not in _EXTRACTORS:
+        _EXTRACTORS[ext_name] = build_extractor(ext_name, p.device, inception_weights=p.opts.inception_weights,
+                                                download=p.opts.download)
+    t0 = time.time()
+    try:
+        status = run_one(p, ds, card, seed, rdir, _EXTRACTORS.get(ext_name))
+        return status, f"{tag}: {status} in {time.time() - t0:.1f} s"
+    except UserError:
+        raise
+    except Exception as e:  # a crash in one run is recorded; the suite goes on
+        store.write_json(rdir / store.METRICS_FILE, {
+            "status": "failed", "suite": p.suite.name, "dataset": ds.name, "card": card.name,
+            "family": card.family, "seed": seed, "error": f"{type(e).__name__}: {e}",
+            "traceback": traceback.format_exc(limit=5)})
+        return "failed", f"{tag}: FAILED ({type(e).__name__}: {e}) after {time.time() - t0:.1f} s"
 
 
 def run_one(p: Plan, ds, card: Card, seed: int, rdir: Path, extractor: Extractor | None) -> str:

@@ -61,6 +61,15 @@ def _bad_log(logs: dict[str, float]) -> str | None:
     return None
 
 
+def ema_decay_at(decay: float, step: int) -> float:
+    """The decay used at optimizer step `step` (1-based): min(decay, (1 + step) / (10 + step)).
+
+    Warm-up as in TensorFlow's ExponentialMovingAverage(num_updates): without it, a 0.9999 average
+    still holds 0.9999^k of the random initial weights after k steps (97% after 300), and sampling
+    from that mixture gives noise for any budget much shorter than 1 / (1 - decay) steps."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
 @torch.no_grad()
 def _ema_update(ema: GenerativeModel, model: GenerativeModel, decay: float) -> None:
     for pe, pm in zip(ema.parameters(), model.parameters()):
@@ -147,7 +156,7 @@ def train(model: GenerativeModel, data: Data, *, budget_kimg: float, batch_size:
                 state.diverged_at_kimg, state.diverged_reason = round(state.kimg, 4), bad
                 break
             if ema is not None:
-                _ema_update(ema, model, ema_decay)
+                _ema_update(ema, model, ema_decay_at(ema_decay, state.steps))
             if state.kimg >= next_eval - 1e-9 and cheap_eval is not None:
                 sampler_model = ema if ema is not None else model
                 state.curves.append({"kimg": round(state.kimg, 3), **cheap_eval(sampler_model, state.kimg)})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from genbench.claims import (CONTRADICTED, INCONCLUSIVE, NOT_MEASURED, SUPPORTED, VERDICTS, Sample, across_scopes,
-                             differ, evaluate_claims, no_worse)
+from genbench.claims import (CONTRADICTED, INCONCLUSIVE, NOT_MEASURED, SUPPORTED, VERDICTS, Check, Sample, all_of,
+                             across_scopes, differ, evaluate_claims, no_worse)
 from results_fixtures import frame, row, seeds, sweep
 
 
@@ -48,6 +48,14 @@ def test_no_worse_rule():
     assert no_worse(close, base, "fid", False, 0.10, "").verdict == SUPPORTED
     assert no_worse(far, base, "fid", False, 0.10, "").verdict == CONTRADICTED
     assert no_worse(far, base, "fid", True, 0.10, "").verdict == SUPPORTED   # higher fid would be better here
+
+
+def test_a_half_measured_claim_is_not_supported():
+    c = lambda v: Check("", v, "")
+    assert all_of([c(SUPPORTED), c(SUPPORTED)]) == SUPPORTED
+    assert all_of([c(SUPPORTED), c(NOT_MEASURED)]) == INCONCLUSIVE
+    assert all_of([c(CONTRADICTED), c(NOT_MEASURED)]) == CONTRADICTED
+    assert all_of([c(NOT_MEASURED), c(NOT_MEASURED)]) == NOT_MEASURED
 
 
 def test_across_scopes():
@@ -168,7 +176,8 @@ def test_c4_timings_compared_only_on_one_device():
     checks = {ch.text: ch.verdict for s in c.scopes for ch in s.checks}
     assert checks["diffusion has the lowest img/s on the same device"] == NOT_MEASURED
     assert checks["1000-step DDPM at least 100x slower per image than the GAN"] == NOT_MEASURED
-    assert c.verdict == SUPPORTED      # NFE alone, deterministic
+    assert checks["diffusion needs more network evaluations per image than every other family"] == SUPPORTED
+    assert c.verdict == INCONCLUSIVE   # NFE alone is supported, but half the claim is not measured
 
 
 # --------------------------------------------------------------------------- C5, C6

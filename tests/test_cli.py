@@ -110,3 +110,10 @@ def test_bad_device():
 
 def test_report_on_missing_dir(tmp_path):
     assert_one_line_error(invoke("report", "--results-dir", tmp_path / "none"), "no such folder")
+
+
+def test_bad_jobs(tmp_path):
+    assert_one_line_error(invoke("run", "--suite", write_suite(tmp_path), "--jobs", "0", "--dry-run"), "--jobs")
+    p = tmp_path / "j.yaml"
+    p.write_text(write_suite(tmp_path).read_text() + "jobs: two\n")
+    assert_one_line_error(invoke("run", "--suite", p, "--dry-run"), "'jobs'", "whole number")

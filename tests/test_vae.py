@@ -161,3 +161,33 @@ def test_points_use_mlp_gaussian_decoder_and_learn():
         s = m.sample(SeedRNG.for_run(0, 5))
     assert s.shape == (5, 2) and torch.isfinite(s).all()
     assert "recon_mse" in m.extra_metrics(Batch(x))
+
+
+def test_point_samples_draw_from_the_decoder_gaussian():
+    """A collapsed 2-D decoder (constant output) must give its Gaussian, not one repeated point."""
+    m = get_family("vae")(DataSpec((2,), 0), z_dim=2, hidden=16)
+    last = [l for l in m.decoder.modules() if isinstance(l, torch.nn.Linear)][-1]
+    torch.nn.init.zeros_(last.weight)
+    with torch.no_grad():
+        last.bias.copy_(torch.tensor([1.0, -2.0, math.log(0.25), math.log(4.0)]))   # mean, log-variance
+        s = m.sample(SeedRNG.for_run(0, 20000))
+        mean_only = m.sample(SeedRNG.for_run(0, 5), decoder="mean")
+    assert s.mean(0).tolist() == pytest.approx([1.0, -2.0], abs=0.05)
+    assert s.std(0).tolist() == pytest.approx([0.5, 2.0], rel=0.03)
+    assert torch.equal(mean_only, torch.tensor([[1.0, -2.0]]).expand(5, 2))
+
+
+@pytest.mark.parametrize("likelihood", ["logistic", "gaussian", "categorical"])
+def test_image_samples_from_the_decoder_are_8bit_and_batch_invariant(likelihood):
+    torch.manual_seed(0)
+    m = get_family("vae")(SPEC, likelihood=likelihood, **SMALL)
+    with torch.no_grad():
+        whole = m.sample(SeedRNG.for_run(3, 4), decoder="sample")
+        parts = torch.cat([m.sample(SeedRNG.for_run(3, 4)[0:1], decoder="sample"),
+                           m.sample(SeedRNG.for_run(3, 4)[1:4], decoder="sample")])
+        mean = m.sample(SeedRNG.for_run(3, 4))
+    assert torch.equal(whole, parts)
+    assert torch.equal(to_bin_index(whole).float() / 127.5 - 1.0, whole)   # on the 8-bit grid
+    assert not torch.allclose(whole, mean, atol=1e-2)                      # noise was drawn
+    with pytest.raises(ValueError, match="decoder"):
+        m.sample(SeedRNG.for_run(0, 1), decoder="mode")

@@ -13,6 +13,12 @@ component), "gaussian", or "categorical" (a 256-way softmax per sub-pixel; heavi
 
 2-D points (spec.shape == (2,)) get an MLP encoder/decoder with a Gaussian decoder; there is no
 8-bit discretization there, so nll_bpd is None.
+
+Samples (sampler option `decoder`): "mean" returns the decoder's mean at z ~ N(0, I), the usual
+VAE image samples (per-pixel noise on top is independent salt that papers never show); "sample"
+draws x ~ p(x|z), the model's actual distribution. The default is "mean" for images and "sample"
+for points: on 2-D data the decoder variance is the model's spread, and a collapsed posterior
+(KL = 0) would otherwise put every sample on one point and read as a perfect single mode.
 """
 from __future__ import annotations
 
@@ -144,7 +150,7 @@ class VAE(GenerativeModel):
     likelihood (logistic | gaussian | categorical), min_log_scale, lr, grad_clip,
     hidden / depth (the MLP used for 2-D points)."""
 
-    sampler_options = ("temperature",)
+    sampler_options = ("temperature", "decoder")
 
     def __init__(self, spec: DataSpec, z_dim: int = 16, channels: int = 32, max_channels: int = 128,
                  beta: float = 1.0, likelihood: str = "logistic", min_log_scale: float = -6.0,
@@ -238,19 +244,45 @@ class VAE(GenerativeModel):
 
     # ---- sampling and evaluation
 
-    def _check_sampler(self, sampler: dict) -> float:
+    def _check_sampler(self, sampler: dict) -> tuple[float, str]:
         unknown = sorted(set(sampler) - set(self.sampler_options))
         if unknown:
             raise ValueError(f"vae: unknown sampler option {unknown[0]!r}; accepted: {', '.join(self.sampler_options)}")
         t = float(sampler.get("temperature", 1.0))
         if not t >= 0:
             raise ValueError(f"vae: temperature must be >= 0, got {t}")
-        return t
+        decoder = sampler.get("decoder") or ("mean" if self.spec.is_image else "sample")
+        if decoder not in ("mean", "sample"):
+            raise ValueError(f"vae: decoder must be 'mean' or 'sample', got {decoder!r}")
+        return t, decoder
 
     def sample(self, rng: SeedRNG, labels: torch.Tensor | None = None, **sampler) -> torch.Tensor:
-        t = self._check_sampler(sampler)
+        t, decoder = self._check_sampler(sampler)
         z = rng.randn(self.z_dim).to(self.device) * t                  # [n, Z], one stream per image
-        return self._decoder_mean(self.decoder(z))                     # [n, *shape]
+        out = self.decoder(z)
+        if decoder == "mean":
+            return self._decoder_mean(out)                             # [n, *shape]
+        return self._decoder_draw(out, rng)
+
+    def _decoder_draw(self, out: torch.Tensor, rng: SeedRNG) -> torch.Tensor:
+        """x ~ p(x|z) with this image's own stream (drawn after z, so batch splits do not matter).
+        Images land on the 8-bit grid; the edge bins take the tails, as in the likelihood."""
+        if not self.spec.is_image:
+            mean, logvar = out.float().chunk(2, dim=1)
+            return mean + torch.exp(0.5 * logvar.clamp(min=-14.0)) * rng.randn(2).to(out.device)
+        c = self.spec.shape[0]
+        if self.likelihood == "categorical":
+            logits = out.float().view(out.shape[0], c, 256, *out.shape[2:]).movedim(2, -1)   # [n, C, H, W, 256]
+            return rng.categorical(logits).float() / 127.5 - 1.0
+        mean, log_scale = out.float().chunk(2, dim=1)
+        scale = torch.exp(log_scale.clamp(min=self.min_log_scale))
+        if self.likelihood == "logistic":
+            u = rng.rand(*self.spec.shape).to(out.device)
+            noise = torch.log(u) - torch.log1p(-u)                     # standard logistic
+        else:
+            noise = rng.randn(*self.spec.shape).to(out.device)
+        x = mean + scale * noise
+        return (torch.round((x.clamp(-1.0, 1.0) + 1.0) * 127.5) / 127.5 - 1.0)
 
     def nfe(self, **sampler) -> int:
         self._check_sampler(sampler)
