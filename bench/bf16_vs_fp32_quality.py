@@ -25,12 +25,21 @@ import torch
 
 from genbench import data as gdata
 from genbench.config import card_from_dict
+from genbench.errors import UserError
 from genbench.evaluate import build_extractor, evaluate_samples, reference_features
 from genbench.families import DataSpec, get_family
 from genbench.fastpath import FastPath
 
 
 def main(argv=None) -> int:
+    try:
+        return check(argv)
+    except UserError as e:   # missing data or extractor weights: one line, as the CLI does
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def check(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, required=True, help="A finished run folder (config.json, model.pt).")
     ap.add_argument("--seeds", type=int, default=3, help="Sample seeds (each scored in fp32 and bf16).")
@@ -39,6 +48,10 @@ def main(argv=None) -> int:
     ap.add_argument("--inception-weights", default=None, help="For suites scored with Inception.")
     ap.add_argument("--out", type=Path, default=None, help="JSON output path.")
     a = ap.parse_args(argv)
+    if a.seeds < 2:
+        print("error: --seeds must be at least 2 (the check compares against the seed-to-seed spread)",
+              file=sys.stderr)
+        return 2
 
     cfg_path, weights = a.run / "config.json", a.run / "model.pt"
     if not cfg_path.is_file() or not weights.is_file():
@@ -81,7 +94,7 @@ def main(argv=None) -> int:
               f"diff {row['fd_diff']:+.3f}", file=sys.stderr)
 
     fp32 = [r["fd_fp32"] for r in rows]
-    spread = statistics.stdev(fp32) if len(fp32) > 1 else float("nan")
+    spread = statistics.stdev(fp32)
     mean_abs = statistics.fmean(abs(r["fd_diff"]) for r in rows)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
     summary = {"run": str(a.run), "card": card.name, "family": card.family, "sampler": card.sampler,

@@ -111,14 +111,22 @@ class Sample:
         return {f"{key} mean": self.mean, f"{key} ci_lo": lo, f"{key} ci_hi": hi, f"{key} n": float(self.n)}
 
 
-def differ(a: Sample, b: Sample, metric: str, a_higher: bool, text: str) -> Check:
-    """Claimed: mean of a is higher (a_higher) or lower than mean of b; rule: 95% t-intervals disjoint."""
+def _two_samples(a: Sample, b: Sample, metric: str, text: str) -> tuple[dict, str, Check | None]:
+    """Numbers and evidence of a two-sample check, and its verdict when a side is too small to test."""
     nums = {**a.numbers(f"{a.label} {metric}"), **b.numbers(f"{b.label} {metric}")}
     ev = f"{a.label} {metric} {a.fmt()} vs {b.label} {b.fmt()}"
     if a.n == 0 or b.n == 0:
-        return Check(text, NOT_MEASURED, ev, nums)
+        return nums, ev, Check(text, NOT_MEASURED, ev, nums)
     if a.n < 2 or b.n < 2:
-        return Check(text, INCONCLUSIVE, ev + ": fewer than 2 seeds", nums)
+        return nums, ev, Check(text, INCONCLUSIVE, ev + ": fewer than 2 seeds", nums)
+    return nums, ev, None
+
+
+def differ(a: Sample, b: Sample, metric: str, a_higher: bool, text: str) -> Check:
+    """Claimed: mean of a is higher (a_higher) or lower than mean of b; rule: 95% t-intervals disjoint."""
+    nums, ev, early = _two_samples(a, b, metric, text)
+    if early is not None:
+        return early
     (alo, ahi), (blo, bhi) = a.ci, b.ci
     if alo <= bhi and blo <= ahi:
         return Check(text, INCONCLUSIVE, ev + ": 95% intervals overlap", nums)
@@ -129,12 +137,9 @@ def differ(a: Sample, b: Sample, metric: str, a_higher: bool, text: str) -> Chec
 
 def no_worse(a: Sample, b: Sample, metric: str, higher_is_better: bool, margin_rel: float, text: str) -> Check:
     """Claimed: a is no worse than b by more than margin_rel * |mean b| (Welch 95% interval)."""
-    nums = {**a.numbers(f"{a.label} {metric}"), **b.numbers(f"{b.label} {metric}")}
-    ev = f"{a.label} {metric} {a.fmt()} vs {b.label} {b.fmt()}"
-    if a.n == 0 or b.n == 0:
-        return Check(text, NOT_MEASURED, ev, nums)
-    if a.n < 2 or b.n < 2:
-        return Check(text, INCONCLUSIVE, ev + ": fewer than 2 seeds", nums)
+    nums, ev, early = _two_samples(a, b, metric, text)
+    if early is not None:
+        return early
     # shortfall > 0 means a is worse than b
     d = (b.mean - a.mean) if higher_is_better else (a.mean - b.mean)
     va, vb = a.std ** 2 / a.n, b.std ** 2 / b.n

@@ -194,19 +194,20 @@ def effective_jobs(p: Plan) -> int:
     return max(1, jobs)
 
 
-_EXTRACTORS: dict[str, Extractor] = {}   # per process: built once, reused by every run
+_EXTRACTORS: dict[tuple, Extractor] = {}   # per process: built once per (name, device, weights), reused
 
 
 def _run_logged(p: Plan, ds, card: Card, seed: int, tag: str) -> tuple[str, str]:
     """One run with its crash recorded: (status, the line to log)."""
     rdir = store.run_dir(p.opts.results_dir, p.suite.name, ds.name, card.name, seed)
     ext_name = p.extractors[ds.name]
-    if ext_name and ext_name not in _EXTRACTORS:
-        _EXTRACTORS[ext_name] = build_extractor(ext_name, p.device, inception_weights=p.opts.inception_weights,
-                                                download=p.opts.download)
+    key = (ext_name, str(p.device), p.opts.inception_weights)
+    if ext_name and key not in _EXTRACTORS:
+        _EXTRACTORS[key] = build_extractor(ext_name, p.device, inception_weights=p.opts.inception_weights,
+                                           download=p.opts.download)
     t0 = time.time()
     try:
-        status = run_one(p, ds, card, seed, rdir, _EXTRACTORS.get(ext_name))
+        status = run_one(p, ds, card, seed, rdir, _EXTRACTORS.get(key))
         return status, f"{tag}: {status} in {time.time() - t0:.1f} s"
     except UserError:
         raise

@@ -33,6 +33,7 @@ from genbench.rng import SeedRNG
 
 LIKELIHOODS = ("logistic", "gaussian", "categorical")
 HALF_BIN = 1.0 / 255.0          # half the spacing of 8-bit values on [-1, 1]
+POINT_MIN_LOGVAR = -14.0        # floor on the 2-D decoder's log-variance (likelihood and draws alike)
 
 
 # --------------------------------------------------------------------------- likelihoods
@@ -186,17 +187,20 @@ class VAE(GenerativeModel):
         """log p(x|z) summed over all dimensions: [B] (nats)."""
         if not self.spec.is_image:
             mean, logvar = out.float().chunk(2, dim=1)
-            logvar = logvar.clamp(min=-14.0)
+            logvar = logvar.clamp(min=POINT_MIN_LOGVAR)
             lp = -0.5 * ((x.float() - mean) ** 2 * torch.exp(-logvar) + logvar + math.log(2 * math.pi))
             return lp.sum(dim=1)
-        b, c = x.shape[:2]
         if self.likelihood == "categorical":
-            logits = out.float().view(b, c, 256, *x.shape[2:])          # [B, C*256, H, W] -> [B, C, 256, H, W]
-            lp = F.log_softmax(logits, dim=2).gather(2, to_bin_index(x).unsqueeze(2)).squeeze(2)
+            logp = F.log_softmax(self._categorical_logits(out), dim=2)          # [B, C, 256, H, W]
+            lp = logp.gather(2, to_bin_index(x).unsqueeze(2)).squeeze(2)
         else:
             mean, log_scale = out.float().chunk(2, dim=1)              # [B, C, H, W] each
             lp = discretized_log_prob(x, mean, log_scale.clamp(min=self.min_log_scale), self.likelihood)
         return lp.flatten(1).sum(dim=1)
+
+    def _categorical_logits(self, out: torch.Tensor) -> torch.Tensor:
+        """[B, C*256, H, W] -> [B, C, 256, H, W], float32."""
+        return out.float().view(out.shape[0], self.spec.shape[0], 256, *out.shape[2:])
 
     def _decoder_mean(self, out: torch.Tensor) -> torch.Tensor:
         """What sample() returns: the decoder's mean, with no pixel noise on top (the usual VAE
@@ -205,8 +209,7 @@ class VAE(GenerativeModel):
         if not self.spec.is_image:
             return out.float()[:, :2]
         if self.likelihood == "categorical":
-            b = out.shape[0]
-            p = F.softmax(out.float().view(b, self.spec.shape[0], 256, *out.shape[2:]), dim=2)
+            p = F.softmax(self._categorical_logits(out), dim=2)
             values = torch.linspace(-1.0, 1.0, 256, device=out.device).view(1, 1, 256, 1, 1)
             return (p * values).sum(dim=2)                             # [B, C, H, W]
         return out.float()[:, : self.spec.shape[0]].clamp(-1.0, 1.0)
@@ -269,11 +272,9 @@ class VAE(GenerativeModel):
         Images land on the 8-bit grid; the edge bins take the tails, as in the likelihood."""
         if not self.spec.is_image:
             mean, logvar = out.float().chunk(2, dim=1)
-            return mean + torch.exp(0.5 * logvar.clamp(min=-14.0)) * rng.randn(2).to(out.device)
-        c = self.spec.shape[0]
+            return mean + torch.exp(0.5 * logvar.clamp(min=POINT_MIN_LOGVAR)) * rng.randn(2).to(out.device)
         if self.likelihood == "categorical":
-            logits = out.float().view(out.shape[0], c, 256, *out.shape[2:]).movedim(2, -1)   # [n, C, H, W, 256]
-            return rng.categorical(logits).float() / 127.5 - 1.0
+            return rng.categorical(self._categorical_logits(out).movedim(2, -1)).float() / 127.5 - 1.0
         mean, log_scale = out.float().chunk(2, dim=1)
         scale = torch.exp(log_scale.clamp(min=self.min_log_scale))
         if self.likelihood == "logistic":
@@ -281,8 +282,7 @@ class VAE(GenerativeModel):
             noise = torch.log(u) - torch.log1p(-u)                     # standard logistic
         else:
             noise = rng.randn(*self.spec.shape).to(out.device)
-        x = mean + scale * noise
-        return (torch.round((x.clamp(-1.0, 1.0) + 1.0) * 127.5) / 127.5 - 1.0)
+        return to_bin_index(mean + scale * noise).float() / 127.5 - 1.0      # snap onto the 8-bit grid
 
     def nfe(self, **sampler) -> int:
         self._check_sampler(sampler)
