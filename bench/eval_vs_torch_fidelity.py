@@ -1,5 +1,6 @@
 """Evaluation speed and agreement: genbench's metric pass beside torch-fidelity's calculate_metrics on
-the same images (FID + IS + KID; N generated against N in-memory reference images at 32x32).
+the same images (FID + IS + KID, and precision/recall with --prc; N generated against N in-memory
+reference images at 32x32).
 
 The Inception weights cannot be fetched on an offline machine, so by default both sides load the same
 randomly initialised Inception (same architecture, same FLOPs, same numbers on both sides); pass
@@ -7,6 +8,8 @@ randomly initialised Inception (same architecture, same FLOPs, same numbers on b
   torch-fidelity   calculate_metrics end to end, nothing cached, at its default batch size and at --batch
   genbench cold    reference and generated features extracted, then the same metric functions
   genbench warm    reference features cached on disk: generated features + metrics only
+genbench's rows also split their wall time into stages (reference features, generated features,
+metrics), so a slow total says which part to work on.
 
     python bench/eval_vs_torch_fidelity.py --n 50000 --out results/bench_eval.json
     python bench/eval_vs_torch_fidelity.py --device cpu --n 600 --batch 200   # wiring check on a CPU
@@ -58,6 +61,13 @@ def images(n: int, seed: int, smooth: int) -> torch.Tensor:
     return (x * 255).round().to(torch.uint8)
 
 
+def clock(dev: torch.device) -> float:
+    """perf_counter after the device has finished its queued work."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter()
+
+
 class Tensors(torch.utils.data.Dataset):
     def __init__(self, x):
         self.x = x
@@ -71,17 +81,18 @@ class Tensors(torch.utils.data.Dataset):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--n", type=int, default=50_000)
-    ap.add_argument("--batch", type=int, default=500)
-    ap.add_argument("--inception-weights", default=None)
+    ap.add_argument("--device", default="cuda", help="cuda or cpu")
+    ap.add_argument("--n", type=int, default=50_000, help="generated and reference images (each)")
+    ap.add_argument("--batch", type=int, default=500, help="extraction batch size for both pipelines")
+    ap.add_argument("--inception-weights", default=None, help="canonical weights file (default: seeded random)")
+    ap.add_argument("--prc", action="store_true", help="also precision/recall (Inception pool features)")
     ap.add_argument("--skip-default-batch", action="store_true", help="skip torch-fidelity at its default batch")
     ap.add_argument("--out", type=Path, default=Path("results/bench_eval.json"))
     a = ap.parse_args()
     import torch_fidelity
 
     from genbench.data import Data
-    from genbench.evaluate import build_extractor, extract, fidelity_metrics, reference_features
+    from genbench.evaluate import Reference, build_extractor, extract, fidelity_metrics, reference_features
 
     dev = torch.device(a.device)
     work = Path(tempfile.mkdtemp())
@@ -91,7 +102,15 @@ def main():
         random_inception_weights(Path(weights), dev)
     fake, real = images(a.n, 1, 4), images(a.n, 2, 2)
     kw = dict(isc=True, fid=True, kid=True, verbose=False, cache=False, cuda=dev.type == "cuda",
-              feature_extractor_weights_path=weights, kid_subset_size=min(1000, a.n))
+              feature_extractor="inception-v3-compat", feature_extractor_weights_path=weights,
+              kid_subset_size=min(1000, a.n))
+    groups = ["fid", "isc", "kid"]
+    metric_keys = {"fid": "frechet_inception_distance", "is_mean": "inception_score_mean",
+                   "kid_mean": "kernel_inception_distance_mean"}
+    if a.prc:    # torch-fidelity's prc defaults to VGG-16 features; genbench uses the FID layer
+        kw.update(prc=True, feature_layer_prc="2048")
+        groups.append("prc")
+        metric_keys.update(precision="precision", recall="recall")
     rows = {}
 
     def tf_run(batch):
@@ -101,34 +120,33 @@ def main():
 
     if not a.skip_default_batch:
         m, s = tf_run(64)
-        rows["torch_fidelity_batch64"] = {"wall_s": s, "fid": m["frechet_inception_distance"],
-                                          "is_mean": m["inception_score_mean"],
-                                          "kid_mean": m["kernel_inception_distance_mean"]}
+        rows["torch_fidelity_batch64"] = {"wall_s": s, **{k: m[v] for k, v in metric_keys.items()}}
         print(f"torch-fidelity batch 64: {s:.1f} s", flush=True)
     m, s = tf_run(a.batch)
-    ref = {"fid": m["frechet_inception_distance"], "is_mean": m["inception_score_mean"],
-           "kid_mean": m["kernel_inception_distance_mean"]}
+    ref = {k: m[v] for k, v in metric_keys.items()}
     rows[f"torch_fidelity_batch{a.batch}"] = {"wall_s": s, **ref}
     print(f"torch-fidelity batch {a.batch}: {s:.1f} s", flush=True)
 
     cache = work / "cache"
     real_data = Data("bench-real", "test", real, None, 0)
     for label in ("genbench_cold", "genbench_warm"):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
+        marks = [clock(dev)]
         ext = build_extractor("inception-v3-compat", dev, inception_weights=weights)
-        real_feats = {k: v.to(dev) for k, v in reference_features(ext, real_data, None, cache,
-                                                                   batch_size=a.batch).items()}
+        real_feats = Reference.on(dev, reference_features(ext, real_data, None, cache, batch_size=a.batch))
+        marks.append(clock(dev))
         fake_feats = extract(ext, (fake[i:i + a.batch] for i in range(0, a.n, a.batch)), to_cpu=False)
-        ours = fidelity_metrics(fake_feats, real_feats, ext.spec, ["fid", "isc", "kid"],
-                                kid_subset_size=min(1000, a.n), seed=2020)
-        s = time.perf_counter() - t
+        marks.append(clock(dev))
+        ours = fidelity_metrics(fake_feats, real_feats, ext.spec, groups, kid_subset_size=min(1000, a.n), seed=2020)
+        marks.append(clock(dev))
+        s = marks[-1] - marks[0]
+        stages = dict(zip(("reference", "extract_fake", "metrics"), (b - e for e, b in zip(marks, marks[1:]))))
         rel = {k: abs(ours[k] - ref[k]) / max(abs(ref[k]), 1e-12) for k in ref}
-        rows[label] = {"wall_s": s, **{k: ours[k] for k in ref}, "rel_diff_vs_torch_fidelity": rel}
-        print(f"{label}: {s:.1f} s, rel. diff {rel}", flush=True)
+        rows[label] = {"wall_s": s, **{k: ours[k] for k in ref}, "rel_diff_vs_torch_fidelity": rel,
+                       "stages_s": stages}
+        print(f"{label}: {s:.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in stages.items())}), "
+              f"rel. diff {rel}", flush=True)
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "n": a.n,
-            "batch": a.batch, "weights": "random (seeded)" if a.inception_weights is None else a.inception_weights,
+            "metrics": groups, "batch": a.batch, "weights": "random (seeded)" if a.inception_weights is None else a.inception_weights,
             "torch": torch.__version__, "torch_fidelity": torch_fidelity.__version__}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

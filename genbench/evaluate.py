@@ -2,15 +2,18 @@
 
 Samples stream from the sampler straight into the feature extractor (no image files); FID, IS,
 KID and precision/recall all come from that one feature pass. Reference features are cached on disk,
-keyed by dataset, split, image size, count and the extractor's weights hash. The metric math is
-torch-fidelity's own (`*_features_to_metric`); genbench only feeds it.
+keyed by dataset, split, image size, count and the extractor's weights hash, and live on the
+extractor's device with their FID statistics computed once per process (`Reference`). The metric math
+is torch-fidelity's own (`*_features_to_metric`); genbench only feeds it, with arguments that keep
+precision/recall's distance matrices on the features' device and within a memory budget.
 """
 from __future__ import annotations
 
 import math
+import os
 import platform
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -110,21 +113,73 @@ def torch_fid_statistics(f: torch.Tensor) -> dict:
     return {"mu": mu.float().cpu().numpy(), "sigma": sigma.cpu().numpy()}
 
 
-def fidelity_metrics(fake: dict[str, torch.Tensor], real: dict[str, torch.Tensor], spec, groups,
+@dataclass
+class Reference:
+    """Reference features on one device, with the FID statistics of each layer computed once.
+
+    An evaluation point used to recompute the reference mean and covariance from its features every
+    time: 5 s of the 15 s FID stage for 50,000 x 2048 features on the 2-core CPU
+    (bench/results/cpu-metric-cost-50k.json); a run scores many points."""
+    feats: dict[str, torch.Tensor]
+    _fid_stats: dict[str, dict] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def on(cls, device: torch.device, feats: dict[str, torch.Tensor]) -> "Reference":
+        return cls({k: v.to(device) for k, v in feats.items()})
+
+    def __getitem__(self, layer: str) -> torch.Tensor:
+        return self.feats[layer]
+
+    def fid_stats(self, layer: str) -> dict:
+        if layer not in self._fid_stats:
+            self._fid_stats[layer] = fid_statistics(self.feats[layer])
+        return self._fid_stats[layer]
+
+
+def _quarter_of_ram() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):   # no sysconf (Windows): a conservative 1 GiB
+        return 1 << 30
+
+
+# torch-fidelity's default precision/recall holds three full distance matrices (fake-fake, real-real,
+# real-fake) on the host at once: 30 GB for 50,000 vs 50,000, more than a 24 GB machine has. Above this
+# budget genbench asks for its blocked mode (save_cpu_ram), a block a quarter of the budget: the peak
+# stays near the budget (+7.1 GB at a 6.3 GB budget, bench/results/cpu-metric-cost-50k.json). Below it
+# the full mode stays: on 10,000 x 10,000 x 2048 it took 18-20 s against the blocked mode's 28 s
+# (bench/results/cpu-metric-cost-10k.json), which computes the real-fake distances twice.
+PRC_MEMORY_BYTES = _quarter_of_ram()
+
+
+def prc_memory_args(n_fake: int, n_real: int, budget: int | None = None) -> dict:
+    """torch-fidelity arguments for precision/recall: full matrices when they fit the budget, else blocks."""
+    budget = PRC_MEMORY_BYTES if budget is None else budget
+    full_bytes = 4 * (n_fake * n_fake + n_real * n_real + n_fake * n_real)
+    if full_bytes <= budget:
+        return {"save_cpu_ram": False}
+    rows = max(1, budget // (4 * 4 * max(n_fake, n_real)))
+    return {"save_cpu_ram": True, "prc_batch_size": rows}
+
+
+def fidelity_metrics(fake: dict[str, torch.Tensor], real: dict[str, torch.Tensor] | Reference, spec, groups,
                      kid_subset_size: int = 1000, seed: int = 2020) -> dict[str, float]:
-    """FID / IS / KID / precision-recall from features, with torch-fidelity's own functions."""
+    """FID / IS / KID / precision-recall from features, with torch-fidelity's own functions.
+
+    Pass a `Reference` to reuse its FID statistics across calls; a plain dict is scored from scratch."""
     out: dict = {}
-    ff, fr = fake[spec.fid_layer], real[spec.fid_layer]
+    ref = real if isinstance(real, Reference) else Reference(dict(real))
+    ff, fr = fake[spec.fid_layer], ref[spec.fid_layer]
     if "fid" in groups:
-        out.update(fid_statistics_to_metric(fid_statistics(ff), fid_statistics(fr), verbose=False))
-    ff_cpu, fr_cpu = ff.cpu(), fr.cpu()
+        out.update(fid_statistics_to_metric(fid_statistics(ff), ref.fid_stats(spec.fid_layer), verbose=False))
     if "isc" in groups:
         out.update(isc_features_to_metric(fake[spec.isc_layer].cpu(), splits=10, rng_seed=seed))
-    if "kid" in groups:
+    if "kid" in groups:   # torch-fidelity's KID is numpy: it moves the features to the CPU itself
         subset = min(kid_subset_size, len(ff), len(fr))
-        out.update(kid_features_to_metric(ff_cpu, fr_cpu, kid_subset_size=subset, verbose=False, rng_seed=seed))
-    if "prc" in groups:
-        out.update(prc_features_to_metric(ff_cpu, fr_cpu, verbose=False))
+        out.update(kid_features_to_metric(ff, fr, kid_subset_size=subset, verbose=False, rng_seed=seed))
+    if "prc" in groups:   # distances on the fake features' device (a GPU when there is one)
+        out.update(prc_features_to_metric(ff, fr.to(ff.device), verbose=False,
+                                          **prc_memory_args(len(ff), len(fr))))
     return {ours: float(out[theirs]) for ours, theirs in FIDELITY_KEYS.items() if theirs in out}
 
 
@@ -152,7 +207,7 @@ def sample_stream(model: GenerativeModel, n: int, seed: int, batch_size: int, sa
 
 
 def evaluate_samples(model: GenerativeModel, *, seed: int, n_fake: int, sampler: dict, groups,
-                     ref: Data, extractor: Extractor | None, real_feats: dict | None,
+                     ref: Data, extractor: Extractor | None, real_feats: dict | Reference | None,
                      batch_size: int = 250, kid_subset_size: int = 1000, timer: SamplingTimer | None = None,
                      keep: int = 0, progress=None, fast: FastPath | None = None) -> tuple[dict, torch.Tensor | None]:
     """Sample n_fake images and score them. Returns (metrics, first `keep` samples for a grid)."""

@@ -284,12 +284,19 @@ def plot_scope(pl: Plotter, tag: str, rows: pd.DataFrame, curves: pd.DataFrame, 
     ok = rows[rows["status"] == "complete"]
     main = ok[ok["eval"] == "main"]
     any_plot = False
+    # A feature metric's axis names the extractor whose space it lives in, as the tables' columns do:
+    # "FID" in a domain classifier's space is not comparable with Inception FID.
+    extractors = sorted(set(_col(ok, "prov_extractor").dropna().astype(str)))
+    space = f" [{extractors[0]}]" if len(extractors) == 1 else ""
+
+    def label(m: str) -> str:
+        return LABELS.get(m, m) + _arrow(m) + (space if m in FEATURE_METRICS else "")
 
     if not curves.empty and quality in curves and _numeric(curves[quality]).size:
         any_plot = True
         pl(f"{tag}_curves_{quality}", f"{LABELS.get(quality, quality)} against kimg (band: ± 1 std over seeds)",
            lambda ax: (sns.lineplot(data=curves, x="kimg", y=quality, hue="card", errorbar="sd", ax=ax),
-                       ax.set_ylabel(LABELS.get(quality, quality) + _arrow(quality))))
+                       ax.set_ylabel(label(quality))))
     if not curves.empty and "modes_covered" in curves and _numeric(curves["modes_covered"]).size:
         any_plot = True
         pl(f"{tag}_curves_modes", "modes covered against kimg (band: ± 1 std over seeds)",
@@ -323,7 +330,7 @@ def plot_scope(pl: Plotter, tag: str, rows: pd.DataFrame, curves: pd.DataFrame, 
                         ax.plot(front[x], front[quality], "k--", lw=1, label="Pareto front")
                     ax.set_xscale("log")
                     ax.set_xlabel(LABELS[x] + " (log)")
-                    ax.set_ylabel(LABELS.get(quality, quality) + _arrow(quality))
+                    ax.set_ylabel(label(quality))
             pl(f"{tag}_pareto", f"{LABELS.get(quality, quality)} against sampling cost (main and sweep points, "
                                 "mean over seeds; dashed: Pareto front)", draw_cost, ncols=len(axes_x))
 
@@ -335,7 +342,7 @@ def plot_scope(pl: Plotter, tag: str, rows: pd.DataFrame, curves: pd.DataFrame, 
         def draw_steps(ax):
             sns.lineplot(data=st, x="steps", y=quality, hue="card", style="eval", markers=True, errorbar="sd", ax=ax)
             ax.set_xscale("log")
-            ax.set_ylabel(LABELS.get(quality, quality) + _arrow(quality))
+            ax.set_ylabel(label(quality))
         pl(f"{tag}_steps", f"{LABELS.get(quality, quality)} against sampling steps (band: ± 1 std over seeds)",
            draw_steps)
 
@@ -349,7 +356,7 @@ def plot_scope(pl: Plotter, tag: str, rows: pd.DataFrame, curves: pd.DataFrame, 
             def draw_guid(*axes, gv=gv, ms=ms):
                 for ax, m in zip(axes, ms):
                     sns.lineplot(data=gv, x="value", y=m, hue="card", marker="o", errorbar="sd", ax=ax)
-                    ax.set_ylabel(LABELS[m] + _arrow(m))
+                    ax.set_ylabel(label(m))
                     ax.set_xlabel(param)
             pl(f"{tag}_{param}", f"metrics along the {param} sweep (band: ± 1 std over seeds)", draw_guid,
                ncols=len(ms), size=(3.6, 3.2))

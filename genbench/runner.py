@@ -23,7 +23,7 @@ from genbench import data as gdata
 from genbench import store
 from genbench.config import Card, Suite, suite_cards, to_dict
 from genbench.errors import UserError
-from genbench.evaluate import (Extractor, build_extractor, evaluate_samples, likelihood_metrics,
+from genbench.evaluate import (Extractor, Reference, build_extractor, evaluate_samples, likelihood_metrics,
                                provenance, reference_features)
 from genbench.evaluators import auto_extractor, check_extractor
 from genbench.families import get_family
@@ -232,8 +232,10 @@ def run_one(p: Plan, ds, card: Card, seed: int, rdir: Path, extractor: Extractor
     family = get_family(card.family)
     model = family(DataSpec(tuple(train_data.x.shape[1:]), train_data.num_classes), **card.params).to(p.device)
 
-    real_feats = (reference_features(extractor, ref, ev.n_real, Path(opts.results_dir) / ".cache",
-                                     batch_size=ev.batch_size) if extractor else None)
+    real_feats = (Reference.on(extractor.device, reference_features(extractor, ref, ev.n_real,
+                                                                   Path(opts.results_dir) / ".cache",
+                                                                   batch_size=ev.batch_size))
+                  if extractor else None)
     n_real = (min(ev.n_real, len(ref)) if ev.n_real else len(ref))
     cheap_groups = tuple(g for g in ev.metrics if g in ("fid", "modes"))
 

@@ -95,3 +95,40 @@ def test_device_fid_statistics_match_torch_fidelity():
     assert ours["mu"].dtype == theirs["mu"].dtype and ours["sigma"].dtype == theirs["sigma"].dtype
     np.testing.assert_allclose(ours["mu"], theirs["mu"], atol=1e-6)   # numpy sums in float32, we in float64
     np.testing.assert_allclose(ours["sigma"], theirs["sigma"], rtol=1e-9, atol=1e-12)
+
+
+def test_precision_recall_blocked_mode_equals_full_mode(monkeypatch):
+    """Above the memory budget genbench asks torch-fidelity for its blocked mode: same P/R, bounded blocks."""
+    from genbench import evaluate
+    from genbench.evaluate import prc_memory_args
+
+    assert prc_memory_args(500, 10_000, budget=1 << 30) == {"save_cpu_ram": False}
+    big = prc_memory_args(50_000, 50_000, budget=6 << 30)   # full mode would hold 30 GB of distances
+    assert big["save_cpu_ram"] and 4 * big["prc_batch_size"] * 50_000 <= (6 << 30) // 4
+    a = _gaussian(1500, torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64), 4).float()
+    b = _gaussian(1200, torch.full((6,), 0.8, dtype=torch.float64), torch.full((6,), 1.3, dtype=torch.float64),
+                  5).float()
+    full = fidelity_metrics({"f": a}, {"f": b}, SPEC, ["prc"])
+    monkeypatch.setattr(evaluate, "PRC_MEMORY_BYTES", 200_000)     # forces blocks of a few rows
+    assert prc_memory_args(1500, 1200)["prc_batch_size"] < 100
+    blocked = fidelity_metrics({"f": a}, {"f": b}, SPEC, ["prc"])
+    assert 0.05 < full["precision"] < 0.95 and 0.05 < full["recall"] < 0.95
+    assert blocked == full
+
+
+def test_reference_fid_statistics_computed_once_and_same_numbers(monkeypatch):
+    from genbench import evaluate
+    from genbench.evaluate import Reference
+
+    a = _gaussian(800, torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64), 6).float()
+    b = _gaussian(900, torch.full((5,), 0.2, dtype=torch.float64), torch.ones(5, dtype=torch.float64), 7).float()
+    plain = fidelity_metrics({"f": a}, {"f": b}, SPEC, ["fid", "kid", "prc"], kid_subset_size=300)
+    ref = Reference.on(torch.device("cpu"), {"f": b})
+    calls = []
+    original = evaluate.fid_statistics
+    monkeypatch.setattr(evaluate, "fid_statistics", lambda f: calls.append(len(f)) or original(f))
+    first = fidelity_metrics({"f": a}, ref, SPEC, ["fid", "kid", "prc"], kid_subset_size=300)
+    second = fidelity_metrics({"f": a[:400]}, ref, SPEC, ["fid"])
+    assert first == plain
+    assert second["fid"] != first["fid"]
+    assert calls == [800, 900, 400]        # the reference's statistics once, each fake set once

@@ -165,3 +165,23 @@ def test_html_renders_in_chromium_with_every_image(built):
     result = _chromium_image_check(out / "report.html")
     assert result["bad"] == ["__control__"], result
     assert result["n"] == n_plots + 1
+
+
+def test_plot_axes_name_the_feature_space(tmp_path, monkeypatch):
+    """Classifier-space FD is not Inception FID: plot axes carry the extractor, as table columns do."""
+    root = tmp_path / "results"
+    build_tree(root)
+    labels: dict[str, list[str]] = {}
+    original = report.Plotter.__call__
+
+    def recording(self, name, caption, draw, **kw):
+        def spy(*axes):
+            draw(*axes)
+            labels[name] = [ax.get_ylabel() for ax in axes]
+        return original(self, name, caption, spy, **kw)
+
+    monkeypatch.setattr(report.Plotter, "__call__", recording)
+    report.write_report(root, tmp_path / "out")
+    assert labels["smoke_digits_steps"] == ["FID ↓ [digits-classifier]"]
+    assert labels["smoke_digits_curves_fid"] == ["FID ↓ [digits-classifier]"]
+    assert "recall ↑ [digits-classifier]" in labels["smoke_digits_guidance"]

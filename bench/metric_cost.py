@@ -1,0 +1,149 @@
+"""Cost of the metric stage alone: features -> FID / IS / KID / precision-recall, as genbench calls
+torch-fidelity's functions, beside torch-fidelity's default call for the same numbers.
+
+No feature extractor runs: the features are seeded Gaussians of the Inception's shapes (2048-d pool
+features, 1008-d logits), so this runs on a CPU at CIFAR-10's 50,000 x 50,000 scale. For each stage it
+reports wall seconds and the extra peak memory (host RSS above the stage's start; on CUDA also the
+device's peak allocation). Rows:
+  fid_first / fid_cached   reference statistics computed, then reused (genbench's `Reference`)
+  fid_recomputed           both statistics from the features, as every call did before `Reference`
+  isc, kid                 torch-fidelity's functions (KID is numpy: it runs on the host whatever the device)
+  prc_genbench             precision/recall with genbench's arguments (features on --device, blocks above
+                           the memory budget; meta.prc_args says which mode it chose)
+  prc_blocked              with --blocked-budget-gb: the blocked mode forced at that budget
+  prc_torch_fidelity       torch-fidelity's default (three full distance matrices on the host); skipped
+                           with --skip-full or when it would need more than --max-full-gb
+
+    python bench/metric_cost.py --n-fake 10000 --n-real 10000 --blocked-budget-gb 1 \
+        --out bench/results/cpu-metric-cost-10k.json
+    python bench/metric_cost.py --n-fake 50000 --n-real 50000 --device cuda --out results/metric_cost.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+
+class PeakRSS:
+    """Host resident memory high-water mark over a `with` block, sampled every 5 ms from /proc."""
+
+    def __enter__(self):
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    def _watch(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    @property
+    def extra_gb(self) -> float:
+        return (self.peak - self.start) / 1e9
+
+
+def timed(dev: torch.device, fn):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        out = fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        s = time.perf_counter() - t
+    row = {"wall_s": s, "host_extra_gb": mem.extra_gb}
+    if dev.type == "cuda":
+        row["device_peak_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9
+    return out, row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", help="where the features live (cpu or cuda)")
+    ap.add_argument("--n-fake", type=int, default=10_000, help="generated feature vectors")
+    ap.add_argument("--n-real", type=int, default=10_000, help="reference feature vectors")
+    ap.add_argument("--dim", type=int, default=2048, help="feature width (Inception pool: 2048)")
+    ap.add_argument("--skip-full", action="store_true", help="skip torch-fidelity's full-matrix precision/recall")
+    ap.add_argument("--max-full-gb", type=float, default=8.0,
+                    help="skip the full-matrix precision/recall when its three matrices exceed this")
+    ap.add_argument("--blocked-budget-gb", type=float, default=None,
+                    help="also time precision/recall in blocked mode at this memory budget")
+    ap.add_argument("--out", type=Path, default=Path("results/metric_cost.json"), help="JSON written at the end")
+    a = ap.parse_args()
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    from genbench import evaluators
+    from genbench.evaluate import Reference, fid_statistics, fidelity_metrics, prc_memory_args
+
+    dev = torch.device(a.device)
+    g = torch.Generator().manual_seed(0)
+    fake = {"pool": torch.randn(a.n_fake, a.dim, generator=g).to(dev),
+            "logits": torch.randn(a.n_fake, 1008, generator=g).to(dev)}
+    real = {"pool": (torch.randn(a.n_real, a.dim, generator=g) + 0.02).to(dev)}
+    spec = evaluators.ExtractorSpec("bench", "bench", "pool", "logits", None, None)
+    ref = Reference.on(dev, real)
+    rows, values = {}, {}
+
+    def stage(name, fn):
+        out, rows[name] = timed(dev, fn)
+        values[name] = out
+        print(f"{name}: {rows[name]['wall_s']:.2f} s, +{rows[name]['host_extra_gb']:.2f} GB host", flush=True)
+
+    stage("fid_first", lambda: fidelity_metrics(fake, ref, spec, ["fid"]))
+    stage("fid_cached", lambda: fidelity_metrics(fake, ref, spec, ["fid"]))
+    stage("fid_recomputed", lambda: fid_statistics_to_metric(fid_statistics(fake["pool"]),
+                                                             fid_statistics(real["pool"]), verbose=False))
+    stage("isc", lambda: fidelity_metrics(fake, ref, spec, ["isc"]))
+    stage("kid", lambda: fidelity_metrics(fake, ref, spec, ["kid"]))
+    stage("prc_genbench", lambda: fidelity_metrics(fake, ref, spec, ["prc"]))
+    if a.blocked_budget_gb is not None:
+        blocked = prc_memory_args(a.n_fake, a.n_real, budget=int(a.blocked_budget_gb * 2 ** 30))
+        if blocked["save_cpu_ram"]:
+            stage("prc_blocked", lambda: prc_features_to_metric(fake["pool"], real["pool"], verbose=False, **blocked))
+        else:
+            print("prc_blocked: skipped (the full matrices fit that budget)", flush=True)
+    full_gb = 4 * (a.n_fake ** 2 + a.n_real ** 2 + a.n_fake * a.n_real) / 1e9
+    if a.skip_full or full_gb > a.max_full_gb:
+        print(f"prc_torch_fidelity: skipped (its full matrices need {full_gb:.1f} GB)", flush=True)
+    else:
+        stage("prc_torch_fidelity", lambda: prc_features_to_metric(fake["pool"].cpu(), real["pool"].cpu(),
+                                                                   verbose=False))
+    meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+            "threads": torch.get_num_threads(), "n_fake": a.n_fake, "n_real": a.n_real, "dim": a.dim,
+            "prc_args": prc_memory_args(a.n_fake, a.n_real), "prc_full_matrices_gb": full_gb,
+            "torch": torch.__version__}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"meta": meta, "rows": rows, "values": values}, indent=2, default=float))
+    print(f"\n{meta['device']} ({meta['threads']} threads), {a.n_fake} fake vs {a.n_real} real, {a.dim}-d features")
+    print("| stage | wall s | extra host GB | result |")
+    print("|---|---:|---:|---|")
+    for k, r in rows.items():
+        v = values[k]
+        shown = ", ".join(f"{kk} {float(vv):.6g}" for kk, vv in v.items() if kk in
+                          ("fid", "frechet_inception_distance", "is_mean", "kid_mean", "precision", "recall"))
+        print(f"| {k} | {r['wall_s']:.2f} | {r['host_extra_gb']:.2f} | {shown} |")
+
+
+if __name__ == "__main__":
+    main()
