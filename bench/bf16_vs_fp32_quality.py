@@ -46,6 +46,8 @@ def check(argv=None) -> int:
     ap.add_argument("--n", type=int, default=None, help="Samples per point (default: the suite's n_fake).")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda.")
     ap.add_argument("--inception-weights", default=None, help="For suites scored with Inception.")
+    ap.add_argument("--data-root", type=Path, default=None,
+                    help="Folder holding the run's dataset files (default: the loader's usual places).")
     ap.add_argument("--out", type=Path, default=None, help="JSON output path.")
     a = ap.parse_args(argv)
     if a.seeds < 2:
@@ -62,7 +64,8 @@ def check(argv=None) -> int:
                           else ("cpu" if a.device == "auto" else a.device))
     card = card_from_dict(cfg["card"], str(cfg_path))
     ev, ds = cfg["suite"]["eval"], cfg["dataset"]
-    ref = gdata.load(ds["name"], ev["ref_split"], image_size=ds.get("image_size"), size=ds.get("size"))
+    ref = gdata.load(ds["name"], ev["ref_split"], image_size=ds.get("image_size"), size=ds.get("size"),
+                     root=a.data_root)
     if not ref.is_image or not cfg.get("extractor"):
         print("error: this check scores images with a feature extractor; the run has none", file=sys.stderr)
         return 2

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the fast-path issue in one prepared run, sized for one call on a lent
+# H100/H200 (stage limits add up to 560 s): sampling beside diffusers, the bf16-vs-fp32 quality check,
+# the metric stage at 50k, evaluation beside torch-fidelity. Each stage has its own time limit, so one
+# slow stage cannot take the others' results with it; everything lands in $OUT (default ./gpu-out).
+#
+# Prepare on the development machine (folders ignored by git, carried to the device machine):
+#   pip download --no-deps ... -d .whl torch-fidelity==0.4.0 diffusers importlib_metadata  (see the device README)
+#   mkdir -p .gpu-data/fashion && cp /usr/share/datasets/fashion-mnist/t10k-* .gpu-data/fashion/
+#   cp -r results/fashion/fashion/ddpm/seed0 .gpu-data/fashion-ddpm     # a finished fashion ddpm run
+# Run there:   bash bench/gpu_checks.sh          (carry .whl and .gpu-data; timeout 600 s)
+# Wiring check on a CPU, tiny sizes:   DEVICE=cpu SMALL=1 RUN=results/smoke/digits/ddpm/seed0 bash bench/gpu_checks.sh
+set -u
+OUT=${OUT:-gpu-out}
+DEVICE=${DEVICE:-cuda}
+SMALL=${SMALL:-0}
+RUN=${RUN:-.gpu-data/fashion-ddpm}
+DATA=${DATA:-.gpu-data/fashion}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+LOG="$OUT/gpu-checks.log"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && ! "$PY" -c "import torch_fidelity" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+stage() {   # stage NAME LIMIT_S COMMAND...: run with a time limit, log its output and exit status
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (start $(date +%T), limit ${limit} s): $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+
+if [ "$DEVICE" = cuda ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+fi
+"$PY" -c "import torch, torch_fidelity; print('torch', torch.__version__, '| torch-fidelity', torch_fidelity.__version__)" \
+  2>&1 | tee -a "$LOG"
+
+if [ "$SMALL" = 1 ]; then
+  S=(--tiny --batch 16 --steps 2 --configs diffusers-fp32,genbench-fp32,genbench-bf16)   # no CPU compile
+  Q=(--seeds 2 --n 40); M=(--n-fake 2000 --n-real 2000); E=(--n 60 --batch 30)
+else
+  S=(--batch 1024 --steps 20); Q=(--seeds 3 --n 500); M=(--n-fake 50000 --n-real 50000 --skip-full)
+  E=(--n 50000 --batch 500)
+fi
+DATA_ARGS=()
+[ -d "$DATA" ] && DATA_ARGS=(--data-root "$DATA")
+
+stage sampling 140 "$PY" bench/sampling_vs_diffusers.py --device "$DEVICE" "${S[@]}" --out "$OUT/sampling.json"
+stage bf16-quality 50 "$PY" bench/bf16_vs_fp32_quality.py --run "$RUN" "${DATA_ARGS[@]}" --device "$DEVICE" "${Q[@]}" \
+  --out "$OUT/bf16-quality.json"
+stage metric-cost 70 "$PY" bench/metric_cost.py --device "$DEVICE" "${M[@]}" --out "$OUT/metric-cost.json"
+stage eval 300 "$PY" bench/eval_vs_torch_fidelity.py --device "$DEVICE" "${E[@]}" --prc --skip-default-batch \
+  --out "$OUT/eval.json"
+echo "== done $(date +%T); files in $OUT: $(ls "$OUT" | tr '\n' ' ')" | tee -a "$LOG"
