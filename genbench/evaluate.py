@@ -143,23 +143,22 @@ def _quarter_of_ram() -> int:
         return 1 << 30
 
 
-# torch-fidelity's default precision/recall holds three full distance matrices (fake-fake, real-real,
-# real-fake) on the host at once: 30 GB for 50,000 vs 50,000, more than a 24 GB machine has. Above this
-# budget genbench asks for its blocked mode (save_cpu_ram), a block a quarter of the budget: the peak
-# stays near the budget (+7.1 GB at a 6.3 GB budget, bench/results/cpu-metric-cost-50k.json). Below it
-# the full mode stays: on 10,000 x 10,000 x 2048 it took 18-20 s against the blocked mode's 28 s
-# (bench/results/cpu-metric-cost-10k.json), which computes the real-fake distances twice.
+# torch-fidelity's default precision/recall builds full n x n distance matrices on the host; its peak was
+# about four such float32 matrices (+1.60 GB at 10,000 x 10,000, bench/results/cpu-metric-cost-10k.json),
+# so about 40 GB at 50,000 x 50,000, more than a 24 GB machine has. Above this budget genbench asks for
+# its blocked mode (save_cpu_ram), whose peak was about five blocks (4.5-4.8 measured), so a block is a
+# fifth of the budget. Below it the full mode stays: on 10,000 x 10,000 x 2048 it took 18-20 s against
+# the blocked mode's 22.5 s at a 1 GiB budget (+1.04 GB), which computes the real-fake distances twice.
 PRC_MEMORY_BYTES = _quarter_of_ram()
 
 
 def prc_memory_args(n_fake: int, n_real: int, budget: int | None = None) -> dict:
     """torch-fidelity arguments for precision/recall: full matrices when they fit the budget, else blocks."""
     budget = PRC_MEMORY_BYTES if budget is None else budget
-    full_bytes = 4 * (n_fake * n_fake + n_real * n_real + n_fake * n_real)
-    if full_bytes <= budget:
+    n = max(n_fake, n_real)
+    if 4 * (4 * n * n) <= budget:
         return {"save_cpu_ram": False}
-    rows = max(1, budget // (4 * 4 * max(n_fake, n_real)))
-    return {"save_cpu_ram": True, "prc_batch_size": rows}
+    return {"save_cpu_ram": True, "prc_batch_size": max(1, budget // (5 * 4 * n))}
 
 
 def fidelity_metrics(fake: dict[str, torch.Tensor], real: dict[str, torch.Tensor] | Reference, spec, groups,
