@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -63,8 +64,9 @@ def images(n: int, seed: int, smooth: int) -> torch.Tensor:
 
 def clock(dev: torch.device) -> float:
     """perf_counter after the device has finished its queued work."""
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+    from genbench.timing import sync
+
+    sync(dev)
     return time.perf_counter()
 
 
@@ -89,6 +91,13 @@ def main():
     ap.add_argument("--skip-default-batch", action="store_true", help="skip torch-fidelity at its default batch")
     ap.add_argument("--out", type=Path, default=Path("results/bench_eval.json"))
     a = ap.parse_args()
+    if a.n < 4 or a.batch < 1:
+        print("error: --n must be at least 4 (precision/recall uses 3 neighbours) and --batch at least 1",
+              file=sys.stderr)
+        return 2
+    if a.device not in ("cpu", "cuda") or (a.device == "cuda" and not torch.cuda.is_available()):
+        print(f"error: --device {a.device}: use cpu, or cuda on a machine with a CUDA GPU", file=sys.stderr)
+        return 2
     import torch_fidelity
 
     from genbench.data import Data
@@ -146,7 +155,8 @@ def main():
         print(f"{label}: {s:.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in stages.items())}), "
               f"rel. diff {rel}", flush=True)
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "n": a.n,
-            "metrics": groups, "batch": a.batch, "weights": "random (seeded)" if a.inception_weights is None else a.inception_weights,
+            "metrics": groups, "batch": a.batch,
+            "weights": "random (seeded)" if a.inception_weights is None else a.inception_weights,
             "torch": torch.__version__, "torch_fidelity": torch_fidelity.__version__}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
@@ -157,7 +167,8 @@ def main():
     for k, r in rows.items():
         d = max(r.get("rel_diff_vs_torch_fidelity", {"": 0.0}).values())
         print(f"| {k} | {r['wall_s']:.1f} | {tf / r['wall_s']:.2f} | {r['fid']:.6g} | {d:.1e} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import threading
 import time
 from pathlib import Path
@@ -62,18 +63,18 @@ class PeakRSS:
 
 
 def timed(dev: torch.device, fn):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
+    from genbench.timing import peak_memory_mb, reset_peak_memory, sync
+
+    sync(dev)
+    reset_peak_memory(dev)
     with PeakRSS() as mem:
         t = time.perf_counter()
         out = fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        sync(dev)
         s = time.perf_counter() - t
     row = {"wall_s": s, "host_extra_gb": mem.extra_gb}
     if dev.type == "cuda":
-        row["device_peak_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9
+        row["device_peak_gb"] = peak_memory_mb(dev) * 2 ** 20 / 1e9
     return out, row
 
 
@@ -90,11 +91,17 @@ def main():
                     help="also time precision/recall in blocked mode at this memory budget")
     ap.add_argument("--out", type=Path, default=Path("results/metric_cost.json"), help="JSON written at the end")
     a = ap.parse_args()
-    from torch_fidelity.metric_fid import fid_statistics_to_metric
+    if min(a.n_fake, a.n_real, a.dim) < 4:
+        print("error: --n-fake, --n-real and --dim must be at least 4 (precision/recall uses 3 neighbours)",
+              file=sys.stderr)
+        return 2
+    if a.device not in ("cpu", "cuda") or (a.device == "cuda" and not torch.cuda.is_available()):
+        print(f"error: --device {a.device}: use cpu, or cuda on a machine with a CUDA GPU", file=sys.stderr)
+        return 2
     from torch_fidelity.metric_prc import prc_features_to_metric
 
     from genbench import evaluators
-    from genbench.evaluate import Reference, fid_statistics, fidelity_metrics, prc_memory_args
+    from genbench.evaluate import Reference, fidelity_metrics, prc_memory_args
 
     dev = torch.device(a.device)
     g = torch.Generator().manual_seed(0)
@@ -112,8 +119,7 @@ def main():
 
     stage("fid_first", lambda: fidelity_metrics(fake, ref, spec, ["fid"]))
     stage("fid_cached", lambda: fidelity_metrics(fake, ref, spec, ["fid"]))
-    stage("fid_recomputed", lambda: fid_statistics_to_metric(fid_statistics(fake["pool"]),
-                                                             fid_statistics(real["pool"]), verbose=False))
+    stage("fid_recomputed", lambda: fidelity_metrics(fake, real, spec, ["fid"]))   # a plain dict: no reuse
     stage("isc", lambda: fidelity_metrics(fake, ref, spec, ["isc"]))
     stage("kid", lambda: fidelity_metrics(fake, ref, spec, ["kid"]))
     stage("prc_genbench", lambda: fidelity_metrics(fake, ref, spec, ["prc"]))
@@ -143,7 +149,8 @@ def main():
         shown = ", ".join(f"{kk} {float(vv):.6g}" for kk, vv in v.items() if kk in
                           ("fid", "frechet_inception_distance", "is_mean", "kid_mean", "precision", "recall"))
         print(f"| {k} | {r['wall_s']:.2f} | {r['host_extra_gb']:.2f} | {shown} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -118,7 +118,7 @@ class Reference:
     """Reference features on one device, with the FID statistics of each layer computed once.
 
     An evaluation point used to recompute the reference mean and covariance from its features every
-    time: 5 s of the 15 s FID stage for 50,000 x 2048 features on the 2-core CPU
+    time: 5 s of the 16 s FID stage for 50,000 x 2048 features on the 2-core CPU
     (bench/results/cpu-metric-cost-50k.json); a run scores many points."""
     feats: dict[str, torch.Tensor]
     _fid_stats: dict[str, dict] = field(default_factory=dict, repr=False)
@@ -167,7 +167,7 @@ def fidelity_metrics(fake: dict[str, torch.Tensor], real: dict[str, torch.Tensor
 
     Pass a `Reference` to reuse its FID statistics across calls; a plain dict is scored from scratch."""
     out: dict = {}
-    ref = real if isinstance(real, Reference) else Reference(dict(real))
+    ref = real if isinstance(real, Reference) else Reference(real)
     ff, fr = fake[spec.fid_layer], ref[spec.fid_layer]
     if "fid" in groups:
         out.update(fid_statistics_to_metric(fid_statistics(ff), ref.fid_stats(spec.fid_layer), verbose=False))
