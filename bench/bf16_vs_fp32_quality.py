@@ -29,6 +29,7 @@ from genbench.errors import UserError
 from genbench.evaluate import build_extractor, evaluate_samples, reference_features
 from genbench.families import DataSpec, get_family
 from genbench.fastpath import FastPath
+from genbench.runner import resolve_device
 
 
 def main(argv=None) -> int:
@@ -60,8 +61,7 @@ def check(argv=None) -> int:
         print(f"error: {a.run} is not a finished run folder (needs config.json and model.pt)", file=sys.stderr)
         return 2
     cfg = json.loads(cfg_path.read_text())
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if a.device == "auto" else a.device))
+    device = resolve_device(a.device)
     card = card_from_dict(cfg["card"], str(cfg_path))
     ev, ds = cfg["suite"]["eval"], cfg["dataset"]
     ref = gdata.load(ds["name"], ev["ref_split"], image_size=ds.get("image_size"), size=ds.get("size"),

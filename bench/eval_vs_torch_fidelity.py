@@ -83,7 +83,7 @@ class Tensors(torch.utils.data.Dataset):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda", help="cuda or cpu")
+    ap.add_argument("--device", default="cuda", help="auto, cpu or cuda")
     ap.add_argument("--n", type=int, default=50_000, help="generated and reference images (each)")
     ap.add_argument("--batch", type=int, default=500, help="extraction batch size for both pipelines")
     ap.add_argument("--inception-weights", default=None, help="canonical weights file (default: seeded random)")
@@ -91,19 +91,20 @@ def main():
     ap.add_argument("--skip-default-batch", action="store_true", help="skip torch-fidelity at its default batch")
     ap.add_argument("--out", type=Path, default=Path("results/bench_eval.json"))
     a = ap.parse_args()
-    if a.n < 4 or a.batch < 1:
-        print("error: --n must be at least 4 (precision/recall uses 3 neighbours) and --batch at least 1",
-              file=sys.stderr)
-        return 2
-    if a.device not in ("cpu", "cuda") or (a.device == "cuda" and not torch.cuda.is_available()):
-        print(f"error: --device {a.device}: use cpu, or cuda on a machine with a CUDA GPU", file=sys.stderr)
-        return 2
     import torch_fidelity
 
     from genbench.data import Data
+    from genbench.errors import UserError
     from genbench.evaluate import Reference, build_extractor, extract, fidelity_metrics, reference_features
+    from genbench.runner import resolve_device
 
-    dev = torch.device(a.device)
+    try:
+        if a.n < 4 or a.batch < 1:
+            raise UserError("--n must be at least 4 (precision/recall uses 3 neighbours) and --batch at least 1")
+        dev = resolve_device(a.device)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     work = Path(tempfile.mkdtemp())
     weights = a.inception_weights
     if weights is None:

@@ -80,7 +80,7 @@ def timed(dev: torch.device, fn):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu", help="where the features live (cpu or cuda)")
+    ap.add_argument("--device", default="cpu", help="where the features live (auto, cpu or cuda)")
     ap.add_argument("--n-fake", type=int, default=10_000, help="generated feature vectors")
     ap.add_argument("--n-real", type=int, default=10_000, help="reference feature vectors")
     ap.add_argument("--dim", type=int, default=2048, help="feature width (Inception pool: 2048)")
@@ -91,19 +91,20 @@ def main():
                     help="also time precision/recall in blocked mode at this memory budget")
     ap.add_argument("--out", type=Path, default=Path("results/metric_cost.json"), help="JSON written at the end")
     a = ap.parse_args()
-    if min(a.n_fake, a.n_real, a.dim) < 4:
-        print("error: --n-fake, --n-real and --dim must be at least 4 (precision/recall uses 3 neighbours)",
-              file=sys.stderr)
-        return 2
-    if a.device not in ("cpu", "cuda") or (a.device == "cuda" and not torch.cuda.is_available()):
-        print(f"error: --device {a.device}: use cpu, or cuda on a machine with a CUDA GPU", file=sys.stderr)
-        return 2
     from torch_fidelity.metric_prc import prc_features_to_metric
 
     from genbench import evaluators
+    from genbench.errors import UserError
     from genbench.evaluate import Reference, fidelity_metrics, prc_memory_args
+    from genbench.runner import resolve_device
 
-    dev = torch.device(a.device)
+    try:
+        if min(a.n_fake, a.n_real, a.dim) < 4:
+            raise UserError("--n-fake, --n-real and --dim must be at least 4 (precision/recall uses 3 neighbours)")
+        dev = resolve_device(a.device)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     g = torch.Generator().manual_seed(0)
     fake = {"pool": torch.randn(a.n_fake, a.dim, generator=g).to(dev),
             "logits": torch.randn(a.n_fake, 1008, generator=g).to(dev)}
