@@ -9,7 +9,10 @@ randomly initialised Inception (same architecture, same FLOPs, same numbers on b
   genbench cold    reference and generated features extracted, then the same metric functions
   genbench warm    reference features cached on disk: generated features + metrics only
 genbench's rows also split their wall time into stages (reference features, generated features,
-metrics), so a slow total says which part to work on.
+metrics, and each metric group alone), so a slow total says which part to work on. --variants adds a
+throughput table of the extractor's forms (torch-fidelity's own, channels_last, cuDNN autotuning, batch
+norm folded, torch.compile) on the same images, each with its largest feature difference from
+torch-fidelity's own forward.
 
     python bench/eval_vs_torch_fidelity.py --n 50000 --out results/bench_eval.json
     python bench/eval_vs_torch_fidelity.py --device cpu --n 600 --batch 200   # wiring check on a CPU
@@ -70,6 +73,40 @@ def clock(dev: torch.device) -> float:
     return time.perf_counter()
 
 
+def extractor_variants(dev, weights, x, batch) -> dict:
+    """img/s of the Inception's forms on the same images, one switch added at a time; each form's
+    features against torch-fidelity's own forward (NCHW, cuDNN autotuning off)."""
+    from torch_fidelity.utils import create_feature_extractor
+
+    from genbench.evaluate import fold_batchnorm
+
+    forms = {"torch-fidelity": (False, False, False, False), "channels_last": (True, False, False, False),
+             "+cudnn_benchmark": (True, True, False, False), "+fold_batchnorm (genbench)": (True, True, True, False),
+             "+compile": (True, True, True, True)}
+    chunks = [x[i:i + batch] for i in range(0, len(x), batch)]
+    out, base = {}, None
+    for name, (nhwc, bench, fold, comp) in forms.items():
+        torch.backends.cudnn.benchmark = bench
+        net = create_feature_extractor("inception-v3-compat", ["2048"], cuda=False, verbose=False,
+                                       feature_extractor_weights_path=weights).to(dev)
+        net = fold_batchnorm(net) if fold else net
+        net = net.to(memory_format=torch.channels_last) if nhwc else net
+        net = torch.compile(net) if comp else net
+        t = clock(dev)
+        with torch.no_grad():
+            net(chunks[0].to(dev))                        # warm-up: autotuning, compilation
+            compile_s = clock(dev) - t
+            t = clock(dev)
+            feats = torch.cat([net(c.to(dev))[0] for c in chunks])
+            s = clock(dev) - t
+        base = feats if base is None else base
+        diff = ((feats - base).abs().max() / base.abs().max().clamp_min(1e-12)).item()
+        out[name] = {"img_per_s": len(x) / s, "compile_s": compile_s, "max_rel_diff": diff}
+        print(f"extractor {name}: {len(x) / s:.0f} img/s (warm-up {compile_s:.1f} s), feature diff {diff:.1e}",
+              flush=True)
+    return out
+
+
 class Tensors(torch.utils.data.Dataset):
     def __init__(self, x):
         self.x = x
@@ -89,6 +126,8 @@ def main():
     ap.add_argument("--inception-weights", default=None, help="canonical weights file (default: seeded random)")
     ap.add_argument("--prc", action="store_true", help="also precision/recall (Inception pool features)")
     ap.add_argument("--skip-default-batch", action="store_true", help="skip torch-fidelity at its default batch")
+    ap.add_argument("--variants", type=int, default=0, metavar="N",
+                    help="also time the extractor's forms on N generated images (0: skip)")
     ap.add_argument("--out", type=Path, default=Path("results/bench_eval.json"))
     a = ap.parse_args()
     import torch_fidelity
@@ -121,6 +160,15 @@ def main():
         kw.update(prc=True, feature_layer_prc="2048")
         groups.append("prc")
         metric_keys.update(precision="precision", recall="recall")
+    meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "n": a.n,
+            "metrics": groups, "batch": a.batch,
+            "weights": "random (seeded)" if a.inception_weights is None else a.inception_weights,
+            "torch": torch.__version__, "torch_fidelity": torch_fidelity.__version__}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(rows, variants=None):   # after every row: a stage killed at its time limit keeps the rest
+        a.out.write_text(json.dumps({"meta": meta, "rows": rows, "extractor_variants": variants}, indent=2))
+
     rows = {}
 
     def tf_run(batch):
@@ -136,6 +184,7 @@ def main():
     ref = {k: m[v] for k, v in metric_keys.items()}
     rows[f"torch_fidelity_batch{a.batch}"] = {"wall_s": s, **ref}
     print(f"torch-fidelity batch {a.batch}: {s:.1f} s", flush=True)
+    write(rows)
 
     cache = work / "cache"
     real_data = Data("bench-real", "test", real, None, 0)
@@ -155,12 +204,22 @@ def main():
                        "stages_s": stages}
         print(f"{label}: {s:.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in stages.items())}), "
               f"rel. diff {rel}", flush=True)
-    meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "n": a.n,
-            "metrics": groups, "batch": a.batch,
-            "weights": "random (seeded)" if a.inception_weights is None else a.inception_weights,
-            "torch": torch.__version__, "torch_fidelity": torch_fidelity.__version__}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        write(rows)
+    for g in groups:   # each metric group alone, on the warm run's features: which one costs what
+        t = clock(dev)
+        fidelity_metrics(fake_feats, real_feats, ext.spec, [g], kid_subset_size=min(1000, a.n), seed=2020)
+        rows["genbench_warm"]["stages_s"][f"metric_{g}"] = clock(dev) - t
+    print("metric groups alone:", {k: round(v, 2) for k, v in rows["genbench_warm"]["stages_s"].items()
+                                   if k.startswith("metric_")}, flush=True)
+    write(rows)
+    if a.variants:
+        variants = extractor_variants(dev, weights, fake[:a.variants], a.batch)
+        write(rows, variants)
+        print(f"\nextractor forms on {a.variants} images, batch {a.batch}")
+        print("| form | img/s | compile s | max abs feature diff / feature scale |")
+        print("|---|---:|---:|---:|")
+        for name, v in variants.items():
+            print(f"| {name} | {v['img_per_s']:.0f} | {v['compile_s']:.1f} | {v['max_rel_diff']:.1e} |")
     tf = rows[f"torch_fidelity_batch{a.batch}"]["wall_s"]
     print(f"\n{meta['device']}, {a.n} vs {a.n} images, FID+IS+KID, Inception weights: {meta['weights']}")
     print("| pipeline | wall s | speed-up vs torch-fidelity (same batch) | FID | max rel. diff |")

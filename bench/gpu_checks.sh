@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the fast-path issue in one prepared run, sized for one call on a lent
-# H100/H200 (stage limits add up to 560 s): sampling beside diffusers, the bf16-vs-fp32 quality check,
-# the metric stage at 50k, evaluation beside torch-fidelity. Each stage has its own time limit, so one
+# H100/H200 (stage limits add up to 540 s): the bf16-vs-fp32 quality check, evaluation beside
+# torch-fidelity (with the extractor's forms timed one switch at a time), sampling beside diffusers
+# (with torch.compile's max-autotune as the last, riskiest config), the metric stage at 50k. Each stage has its own time limit, so one
 # slow stage cannot take the others' results with it; everything lands in $OUT (default ./gpu-out).
 #
 # Prepare on the development machine (folders ignored by git, carried to the device machine):
@@ -42,19 +43,21 @@ fi
   2>&1 | tee -a "$LOG"
 
 if [ "$SMALL" = 1 ]; then
-  S=(--tiny --batch 16 --steps 2 --configs diffusers-fp32,genbench-fp32,genbench-bf16)   # no CPU compile
-  Q=(--seeds 2 --n 40); M=(--n-fake 2000 --n-real 2000); E=(--n 60 --batch 30)
+  S=(--tiny --batch 16 --steps 2 --configs diffusers-fp32,genbench-fp32,genbench-bf16 --profile genbench-bf16)
+  Q=(--seeds 2 --n 40); M=(--n-fake 2000 --n-real 2000); E=(--n 60 --batch 30 --variants 60)
 else
-  S=(--batch 1024 --steps 20); Q=(--seeds 3 --n 500); M=(--n-fake 50000 --n-real 50000 --skip-full)
-  E=(--n 50000 --batch 500)
+  S=(--batch 1024 --steps 20 --configs diffusers-fp32,genbench-bf16-cudagraphs,genbench-bf16-autotune
+     --profile genbench-bf16-cudagraphs)
+  Q=(--seeds 4 --n 2000); M=(--n-fake 50000 --n-real 50000 --skip-full)
+  E=(--n 50000 --batch 500 --variants 10000)
 fi
 DATA_ARGS=()
 [ -d "$DATA" ] && DATA_ARGS=(--data-root "$DATA")
 
-stage sampling 140 "$PY" bench/sampling_vs_diffusers.py --device "$DEVICE" "${S[@]}" --out "$OUT/sampling.json"
-stage bf16-quality 50 "$PY" bench/bf16_vs_fp32_quality.py --run "$RUN" "${DATA_ARGS[@]}" --device "$DEVICE" "${Q[@]}" \
+stage bf16-quality 60 "$PY" bench/bf16_vs_fp32_quality.py --run "$RUN" "${DATA_ARGS[@]}" --device "$DEVICE" "${Q[@]}" \
   --out "$OUT/bf16-quality.json"
-stage metric-cost 70 "$PY" bench/metric_cost.py --device "$DEVICE" "${M[@]}" --out "$OUT/metric-cost.json"
-stage eval 300 "$PY" bench/eval_vs_torch_fidelity.py --device "$DEVICE" "${E[@]}" --prc --skip-default-batch \
+stage eval 230 "$PY" bench/eval_vs_torch_fidelity.py --device "$DEVICE" "${E[@]}" --skip-default-batch \
   --out "$OUT/eval.json"
+stage sampling 200 "$PY" bench/sampling_vs_diffusers.py --device "$DEVICE" "${S[@]}" --out "$OUT/sampling.json"
+stage metric-cost 50 "$PY" bench/metric_cost.py --device "$DEVICE" "${M[@]}" --out "$OUT/metric-cost.json"
 echo "== done $(date +%T); files in $OUT: $(ls "$OUT" | tr '\n' ' ')" | tee -a "$LOG"

@@ -102,7 +102,22 @@ def bench_genbench(dev, batch, steps, tiny, fast: FastPath):
     warm = timed(lambda: run(2), dev) + timed(lambda: run(steps), dev)   # compile + shape warm-up
     per_step = timed(lambda: run(steps), dev) / steps
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    return {"per_step_s": per_step, "warmup_s": warm, "params_m": params}, model
+    return {"per_step_s": per_step, "warmup_s": warm, "params_m": params}, model, run
+
+
+def profile_steps(run, dev, steps=2, rows=15) -> None:
+    """Print the kernels that take the device's time in `steps` sampling steps (where to work next)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    try:
+        with profile(activities=acts) as prof:
+            run(steps)
+            sync(dev)
+        key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60), flush=True)
+    except Exception as e:   # a profiler failure must not cost the timings already taken
+        print(f"profile failed: {type(e).__name__}: {e}", flush=True)
 
 
 def flops_per_image(net_call, dev) -> float:
@@ -113,6 +128,21 @@ def flops_per_image(net_call, dev) -> float:
     return fc.get_total_flops()
 
 
+def summarise(rows: list[dict], flops: float | None, dev, a) -> dict:
+    """Fill in each row's ratio to diffusers and share of peak; write the JSON; return its meta."""
+    base = next((r["img_per_s_1000_steps"] for r in rows if r["config"] == "diffusers-fp32"), None)
+    for r in rows:
+        r["speedup_vs_diffusers_fp32"] = r["img_per_s_1000_steps"] / base if base else None
+        r["tflops"] = r["img_per_s_1000_steps"] * 1000 * flops / 1e12 if flops else None
+        r["share_of_peak"] = r["tflops"] / a.peak_tflops if flops else None
+    meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "torch": torch.__version__, "batch": a.batch, "timed_steps": a.steps,
+            "gflop_per_forward": flops / 1e9 if flops else None, "peak_tflops": a.peak_tflops}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    return meta
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -121,8 +151,11 @@ def main():
     ap.add_argument("--peak-tflops", type=float, default=790.0,
                     help="bf16 dense peak to compare with (H100/H200: ~790 measured on 8192^3 matmuls)")
     ap.add_argument("--configs", default="diffusers-fp32,genbench-fp32,genbench-bf16,genbench-bf16-compile,"
-                                          "genbench-bf16-cudagraphs,diffusers-bf16-compile")
+                                          "genbench-bf16-cudagraphs,diffusers-bf16-compile",
+                    help="comma-separated; genbench-bf16-autotune (max-autotune compile) is also known")
     ap.add_argument("--tiny", action="store_true", help="small networks: a wiring check on CPU")
+    ap.add_argument("--profile", default=None, metavar="CONFIG",
+                    help="after timing this genbench config, print its top kernels over two steps")
     ap.add_argument("--out", type=Path, default=Path("results/bench_sampling.json"))
     a = ap.parse_args()
     dev = torch.device(a.device)
@@ -138,9 +171,11 @@ def main():
                                       compile_mode="default" if "compile" in cfg else None)
         else:
             fast = FastPath(bf16="bf16" in cfg, channels_last="bf16" in cfg,
-                            compile={"compile": "default", "cudagraphs": "reduce-overhead"}.get(
-                                cfg.rsplit("-", 1)[-1], "off"))
-            r, model = bench_genbench(dev, a.batch, a.steps, a.tiny, fast)
+                            compile={"compile": "default", "cudagraphs": "reduce-overhead",
+                                     "autotune": "max-autotune"}.get(cfg.rsplit("-", 1)[-1], "off"))
+            r, model, run = bench_genbench(dev, a.batch, a.steps, a.tiny, fast)
+            if cfg == a.profile:
+                profile_steps(run, dev)
             if flops is None:
                 x = torch.zeros(1, 3, size, size, device=dev)
                 t = torch.zeros(1, dtype=torch.long, device=dev)
@@ -151,16 +186,7 @@ def main():
               f"warm-up {r['warmup_s']:.1f} s)", flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    base = next((r["img_per_s_1000_steps"] for r in rows if r["config"] == "diffusers-fp32"), None)
-    for r in rows:
-        r["speedup_vs_diffusers_fp32"] = r["img_per_s_1000_steps"] / base if base else None
-        r["tflops"] = r["img_per_s_1000_steps"] * 1000 * flops / 1e12 if flops else None
-        r["share_of_peak"] = r["tflops"] / a.peak_tflops if flops else None
-    meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "torch": torch.__version__, "batch": a.batch, "timed_steps": a.steps,
-            "gflop_per_forward": flops / 1e9 if flops else None, "peak_tflops": a.peak_tflops}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        meta = summarise(rows, flops, dev, a)    # after every config: a run killed at its limit keeps the rest
     print(f"\n{meta['device']}, batch {a.batch}, {meta['gflop_per_forward']:.2f} GFLOP/forward, torch {torch.__version__}")
     print("| config | img/s @1000 steps | x diffusers fp32 | TFLOP/s | share of peak | warm-up s |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -2,6 +2,9 @@
 (optionally with CUDA graphs through mode="reduce-overhead"). Nothing here changes what a family
 computes, only how: the same seeds give the same images up to bf16 rounding.
 
+On CUDA, cuDNN's autotuner (`cudnn.benchmark`) is always on for sampling and feature extraction: both
+run the same few shapes thousands of times, so timing the convolution algorithms once per shape pays.
+
 On CPU every part is off (bf16 autocast on CPU is slow and not what users run), except bf16 when
 asked for explicitly with bf16_cpu: that is how bf16's effect on sample quality is checked on a
 machine without a GPU (bench/bf16_vs_fp32_quality.py).
@@ -32,9 +35,16 @@ class FastPath:
                 "compile": self.compile if on_cuda or self.compile == "off" else self.compile}
 
 
+def tune_cudnn(device) -> None:
+    """Let cuDNN time its convolution algorithms per shape (CUDA only; process-wide)."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def prepare(model: torch.nn.Module, device, fp: FastPath) -> torch.nn.Module:
     """Apply memory format and compilation to `model` in place; returns it."""
     on_cuda = torch.device(device).type == "cuda"
+    tune_cudnn(device)
     if on_cuda and fp.channels_last and getattr(model, "spec", None) is not None and model.spec.is_image:
         model.to(memory_format=torch.channels_last)
     if fp.compile != "off":
