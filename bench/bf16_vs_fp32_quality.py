@@ -50,6 +50,8 @@ def check(argv=None) -> int:
     ap.add_argument("--data-root", type=Path, default=None,
                     help="Folder holding the run's dataset files (default: the loader's usual places).")
     ap.add_argument("--out", type=Path, default=None, help="JSON output path.")
+    ap.add_argument("--bf16-head", action="store_true",
+                    help="Also score bf16 with the UNet's output block in bf16 too (genbench keeps it in fp32).")
     a = ap.parse_args(argv)
     if a.seeds < 2:
         print("error: --seeds must be at least 2 (the check compares against the seed-to-seed spread)",
@@ -76,12 +78,20 @@ def check(argv=None) -> int:
     real = reference_features(extractor, ref, ev.get("n_real"), None, batch_size=ev["batch_size"])
     n = a.n or ev["n_fake"]
     modes = {"fp32": FastPath(bf16=False), "bf16": FastPath(bf16=True, bf16_cpu=True)}
+    net = getattr(model, "net", None)
+    if a.bf16_head:   # what keeping the UNet's output block in fp32 buys (see genbench/families/unet.py)
+        if not hasattr(net, "out_fp32"):
+            print("error: --bf16-head needs a diffusion UNet (a network with out_fp32)", file=sys.stderr)
+            return 2
+        modes["bf16_head"] = modes["bf16"]
 
     rows = []
     for s in range(a.seeds):
         seed = 1000 + s    # not the run's own evaluation seed
         row, kept = {"seed": seed}, {}
         for name, fp in modes.items():
+            if a.bf16_head:
+                net.out_fp32 = name != "bf16_head"
             t0 = time.time()
             m, kept[name] = evaluate_samples(model, seed=seed, n_fake=n, sampler=card.sampler, groups=("fid",),
                                              ref=ref, extractor=extractor, real_feats=real,
@@ -92,9 +102,14 @@ def check(argv=None) -> int:
         row["pixels_changed"] = float((x32 != x16).float().mean())
         row["mean_abs_levels"] = float((x32 - x16).abs().float().mean())
         row["fd_diff"] = row["fd_bf16"] - row["fd_fp32"]
+        if a.bf16_head:
+            row["fd_diff_bf16_head"] = row["fd_bf16_head"] - row["fd_fp32"]
+            row["pixels_changed_bf16_head"] = float((x32 != kept["bf16_head"].int()).float().mean())
         rows.append(row)
         print(f"seed {seed}: FD fp32 {row['fd_fp32']:.3f}  bf16 {row['fd_bf16']:.3f}  "
-              f"diff {row['fd_diff']:+.3f}", file=sys.stderr)
+              f"diff {row['fd_diff']:+.3f}" + (f"  bf16 head too {row['fd_bf16_head']:.3f} "
+                                               f"diff {row['fd_diff_bf16_head']:+.3f}" if a.bf16_head else ""),
+              file=sys.stderr)
 
     fp32 = [r["fd_fp32"] for r in rows]
     spread = statistics.stdev(fp32)
@@ -104,6 +119,9 @@ def check(argv=None) -> int:
                "extractor": cfg["extractor"], "n": n, "device": dev_name, "torch": torch.__version__,
                "rows": rows, "fd_fp32_seed_std": spread, "mean_abs_fd_diff": mean_abs,
                "within_seed_spread": bool(mean_abs < spread)}
+    if a.bf16_head:
+        summary["mean_abs_fd_diff_bf16_head"] = statistics.fmean(abs(r["fd_diff_bf16_head"]) for r in rows)
+        summary["bf16_head_within_seed_spread"] = bool(summary["mean_abs_fd_diff_bf16_head"] < spread)
     out = a.out or Path("bench/results") / f"{device.type}-bf16-quality.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
@@ -116,6 +134,10 @@ def check(argv=None) -> int:
               f"{r['pixels_changed']:>9.1%}")
     print(f"mean |diff| {mean_abs:.3f} vs fp32 seed-to-seed std {spread:.3f}: "
           f"{'within' if mean_abs < spread else 'NOT within'} the seed spread  -> {out}")
+    if a.bf16_head:
+        m = summary["mean_abs_fd_diff_bf16_head"]
+        print(f"bf16 with the output block in bf16 too: mean |diff| {m:.3f}: "
+              f"{'within' if m < spread else 'NOT within'} the seed spread")
     return 0
 
 

@@ -6,12 +6,15 @@ The Inception weights cannot be fetched on an offline machine, so by default bot
 randomly initialised Inception (same architecture, same FLOPs, same numbers on both sides); pass
 --inception-weights for the canonical ones. Three timings:
   torch-fidelity   calculate_metrics end to end, nothing cached, at its default batch size and at --batch
-  genbench cold    reference and generated features extracted, then the same metric functions
-  genbench warm    reference features cached on disk: generated features + metrics only
+  genbench cold    extractor built, reference and generated features extracted, the same metric functions
+  genbench warm    the same process's next evaluation: extractor kept, reference features from the
+                   disk cache, generated features + metrics
+(--forms compiled adds both rows with the torch.compile'd extractor of `genbench run --compile`,
+compilation counted in the cold row).
 genbench's rows also split their wall time into stages (reference features, generated features,
 metrics, and each metric group alone), so a slow total says which part to work on. --variants adds a
-throughput table of the extractor's forms (torch-fidelity's own, channels_last, cuDNN autotuning, batch
-norm folded, torch.compile) on the same images, each with its largest feature difference from
+throughput table of the extractor's forms (torch-fidelity's own, channels_last, cuDNN autotuning,
+torch.compile) on the same images, each with its largest feature difference from
 torch-fidelity's own forward.
 
     python bench/eval_vs_torch_fidelity.py --n 50000 --out results/bench_eval.json
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -78,18 +82,14 @@ def extractor_variants(dev, weights, x, batch) -> dict:
     features against torch-fidelity's own forward (NCHW, cuDNN autotuning off)."""
     from torch_fidelity.utils import create_feature_extractor
 
-    from genbench.evaluate import fold_batchnorm
-
-    forms = {"torch-fidelity": (False, False, False, False), "channels_last": (True, False, False, False),
-             "+cudnn_benchmark": (True, True, False, False), "+fold_batchnorm (genbench)": (True, True, True, False),
-             "+compile": (True, True, True, True)}
+    forms = {"torch-fidelity": (False, False, False), "channels_last": (True, False, False),
+             "+cudnn_benchmark (genbench)": (True, True, False), "+compile (genbench --compile)": (True, True, True)}
     chunks = [x[i:i + batch] for i in range(0, len(x), batch)]
     out, base = {}, None
-    for name, (nhwc, bench, fold, comp) in forms.items():
+    for name, (nhwc, bench, comp) in forms.items():
         torch.backends.cudnn.benchmark = bench
         net = create_feature_extractor("inception-v3-compat", ["2048"], cuda=False, verbose=False,
                                        feature_extractor_weights_path=weights).to(dev)
-        net = fold_batchnorm(net) if fold else net
         net = net.to(memory_format=torch.channels_last) if nhwc else net
         net = torch.compile(net) if comp else net
         t = clock(dev)
@@ -126,6 +126,8 @@ def main():
     ap.add_argument("--inception-weights", default=None, help="canonical weights file (default: seeded random)")
     ap.add_argument("--prc", action="store_true", help="also precision/recall (Inception pool features)")
     ap.add_argument("--skip-default-batch", action="store_true", help="skip torch-fidelity at its default batch")
+    ap.add_argument("--forms", default="plain", help="genbench pipelines to time, comma-separated: plain "
+                    "(the default extractor) and/or compiled (torch.compile'd, as `genbench run --compile`)")
     ap.add_argument("--variants", type=int, default=0, metavar="N",
                     help="also time the extractor's forms on N generated images (0: skip)")
     ap.add_argument("--out", type=Path, default=Path("results/bench_eval.json"))
@@ -140,6 +142,9 @@ def main():
     try:
         if a.n < 4 or a.batch < 1:
             raise UserError("--n must be at least 4 (precision/recall uses 3 neighbours) and --batch at least 1")
+        forms = [f for f in a.forms.split(",") if f]
+        if not forms or set(forms) - {"plain", "compiled"}:
+            raise UserError(f"--forms takes plain and/or compiled, not {a.forms!r}")
         dev = resolve_device(a.device)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -188,9 +193,16 @@ def main():
 
     cache = work / "cache"
     real_data = Data("bench-real", "test", real, None, 0)
-    for label in ("genbench_cold", "genbench_warm"):
+    runs = [(f"genbench_{when}" + ("_compiled" if form == "compiled" else ""), form, when)
+            for form in forms for when in ("cold", "warm")]
+    for label, form, when in runs:
+        # cold: a new process's first evaluation (extractor built and, compiled, compiled on its first
+        # batch; reference features extracted and written to the cache); warm: the same process's next
+        # evaluation, as in a run (the extractor is kept, the reference features come from the cache).
         marks = [clock(dev)]
-        ext = build_extractor("inception-v3-compat", dev, inception_weights=weights)
+        if when == "cold":
+            ext = build_extractor("inception-v3-compat", dev, inception_weights=weights, compile=form == "compiled")
+            shutil.rmtree(cache, ignore_errors=True)
         real_feats = Reference.on(dev, reference_features(ext, real_data, None, cache, batch_size=a.batch))
         marks.append(clock(dev))
         fake_feats = extract(ext, (fake[i:i + a.batch] for i in range(0, a.n, a.batch)), to_cpu=False)
@@ -208,8 +220,8 @@ def main():
     for g in groups:   # each metric group alone, on the warm run's features: which one costs what
         t = clock(dev)
         fidelity_metrics(fake_feats, real_feats, ext.spec, [g], kid_subset_size=min(1000, a.n), seed=2020)
-        rows["genbench_warm"]["stages_s"][f"metric_{g}"] = clock(dev) - t
-    print("metric groups alone:", {k: round(v, 2) for k, v in rows["genbench_warm"]["stages_s"].items()
+        rows[label]["stages_s"][f"metric_{g}"] = clock(dev) - t
+    print("metric groups alone:", {k: round(v, 2) for k, v in rows[label]["stages_s"].items()
                                    if k.startswith("metric_")}, flush=True)
     write(rows)
     if a.variants:

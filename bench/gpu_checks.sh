@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the fast-path issue in one prepared run, sized for one call on a lent
-# H100/H200 (stage limits add up to 540 s): the bf16-vs-fp32 quality check, evaluation beside
-# torch-fidelity (with the extractor's forms timed one switch at a time), sampling beside diffusers
-# (with torch.compile's max-autotune as the last, riskiest config), the metric stage at 50k. Each stage has its own time limit, so one
+# H100/H200 (stage limits add up to 530 s; STAGES picks a subset): the bf16-vs-fp32 quality check,
+# evaluation beside torch-fidelity (plain and compiled extractor), sampling beside diffusers (with
+# inductor's tuning configs last, being the slowest to compile), the metric stage at 50k. Each stage has its own time limit, so one
 # slow stage cannot take the others' results with it; everything lands in $OUT (default ./gpu-out).
 #
 # Prepare on the development machine (folders ignored by git, carried to the device machine):
@@ -27,9 +27,12 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && ! "$PY" -c "import torch_fide
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
+STAGES=${STAGES:-bf16-quality eval sampling metric-cost}   # which stages to run (a rerun can pick)
+
 stage() {   # stage NAME LIMIT_S COMMAND...: run with a time limit, log its output and exit status
   local name=$1 limit=$2
   shift 2
+  case " $STAGES " in *" $name "*) ;; *) echo "== $name: skipped (not in STAGES)" | tee -a "$LOG"; return ;; esac
   echo "== $name (start $(date +%T), limit ${limit} s): $*" | tee -a "$LOG"
   local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
@@ -44,20 +47,19 @@ fi
 
 if [ "$SMALL" = 1 ]; then
   S=(--tiny --batch 16 --steps 2 --configs diffusers-fp32,genbench-fp32,genbench-bf16 --profile genbench-bf16)
-  Q=(--seeds 2 --n 40); M=(--n-fake 2000 --n-real 2000); E=(--n 60 --batch 30 --variants 60)
+  Q=(--seeds 2 --n 40 --bf16-head); M=(--n-fake 2000 --n-real 2000); E=(--n 60 --batch 30 --forms plain,compiled)
 else
-  S=(--batch 1024 --steps 20 --configs diffusers-fp32,genbench-bf16-cudagraphs,genbench-bf16-autotune
-     --profile genbench-bf16-cudagraphs)
-  Q=(--seeds 4 --n 2000); M=(--n-fake 50000 --n-real 50000 --skip-full)
-  E=(--n 50000 --batch 500 --variants 10000)
+  S=(--batch 1024 --steps 20 --configs diffusers-fp32,genbench-bf16-cudagraphs,genbench-bf16-tuned,genbench-bf16-autotune)
+  Q=(--seeds 4 --n 2000 --bf16-head); M=(--n-fake 50000 --n-real 50000 --skip-full)
+  E=(--n 50000 --batch 500 --forms plain,compiled)
 fi
 DATA_ARGS=()
 [ -d "$DATA" ] && DATA_ARGS=(--data-root "$DATA")
 
 stage bf16-quality 60 "$PY" bench/bf16_vs_fp32_quality.py --run "$RUN" "${DATA_ARGS[@]}" --device "$DEVICE" "${Q[@]}" \
   --out "$OUT/bf16-quality.json"
-stage eval 230 "$PY" bench/eval_vs_torch_fidelity.py --device "$DEVICE" "${E[@]}" --skip-default-batch \
+stage eval 190 "$PY" bench/eval_vs_torch_fidelity.py --device "$DEVICE" "${E[@]}" --skip-default-batch \
   --out "$OUT/eval.json"
-stage sampling 200 "$PY" bench/sampling_vs_diffusers.py --device "$DEVICE" "${S[@]}" --out "$OUT/sampling.json"
+stage sampling 230 "$PY" bench/sampling_vs_diffusers.py --device "$DEVICE" "${S[@]}" --out "$OUT/sampling.json"
 stage metric-cost 50 "$PY" bench/metric_cost.py --device "$DEVICE" "${M[@]}" --out "$OUT/metric-cost.json"
 echo "== done $(date +%T); files in $OUT: $(ls "$OUT" | tr '\n' ' ')" | tee -a "$LOG"

@@ -81,6 +81,11 @@ def bench_diffusers(dev, batch, steps, size, tiny, bf16=False, compile_mode=None
     return {"per_step_s": per_step, "warmup_s": warm, "params_m": params}, unet
 
 
+# genbench config suffix -> FastPath compile mode ("cdtune" is the name the tuned mode was first measured under)
+GENBENCH_COMPILE = {"compile": "default", "cudagraphs": "reduce-overhead", "tuned": "tuned", "cdtune": "tuned",
+                    "autotune": "max-autotune"}
+
+
 def genbench_model(dev, tiny):
     card = load_card("ddpm")
     params = dict(card.params)
@@ -91,6 +96,10 @@ def genbench_model(dev, tiny):
 
 
 def bench_genbench(dev, batch, steps, tiny, fast: FastPath):
+    import torch._dynamo
+
+    torch._dynamo.reset()          # each config compiles afresh (else dynamo's cache limit can fall back to eager)
+    torch._dynamo.utils.counters.clear()
     model, size = genbench_model(dev, tiny)
     prepare(model, dev, fast)
     rng = SeedRNG.for_run(0, batch, device=dev)
@@ -102,7 +111,8 @@ def bench_genbench(dev, batch, steps, tiny, fast: FastPath):
     warm = timed(lambda: run(2), dev) + timed(lambda: run(steps), dev)   # compile + shape warm-up
     per_step = timed(lambda: run(steps), dev) / steps
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    return {"per_step_s": per_step, "warmup_s": warm, "params_m": params}, model, run
+    graphs = torch._dynamo.utils.counters["stats"].get("unique_graphs", 0)   # 0: nothing was compiled
+    return {"per_step_s": per_step, "warmup_s": warm, "params_m": params, "graphs_compiled": graphs}, model, run
 
 
 def profile_steps(run, dev, steps=2, rows=15) -> None:
@@ -152,7 +162,8 @@ def main():
                     help="bf16 dense peak to compare with (H100/H200: ~790 measured on 8192^3 matmuls)")
     ap.add_argument("--configs", default="diffusers-fp32,genbench-fp32,genbench-bf16,genbench-bf16-compile,"
                                           "genbench-bf16-cudagraphs,diffusers-bf16-compile",
-                    help="comma-separated; genbench-bf16-autotune (max-autotune compile) is also known")
+                    help="comma-separated; also known: genbench-bf16-tuned (genbench's --compile tuned: CUDA graphs "
+                         "+ inductor's coordinate-descent tuning; also as -cdtune), genbench-bf16-autotune (max-autotune)")
     ap.add_argument("--tiny", action="store_true", help="small networks: a wiring check on CPU")
     ap.add_argument("--profile", default=None, metavar="CONFIG",
                     help="after timing this genbench config, print its top kernels over two steps")
@@ -170,9 +181,8 @@ def main():
             r, unet = bench_diffusers(dev, a.batch, a.steps, size, a.tiny, bf16=bf16,
                                       compile_mode="default" if "compile" in cfg else None)
         else:
-            fast = FastPath(bf16="bf16" in cfg, channels_last="bf16" in cfg,
-                            compile={"compile": "default", "cudagraphs": "reduce-overhead",
-                                     "autotune": "max-autotune"}.get(cfg.rsplit("-", 1)[-1], "off"))
+            fast = FastPath(bf16="bf16" in cfg, channels_last="bf16" in cfg, compile=GENBENCH_COMPILE.get(
+                cfg.rsplit("-", 1)[-1], "off"))
             r, model, run = bench_genbench(dev, a.batch, a.steps, a.tiny, fast)
             if cfg == a.profile:
                 profile_steps(run, dev)
@@ -183,7 +193,7 @@ def main():
         img_s = a.batch / (1000 * r["per_step_s"])
         rows.append({"config": cfg, "img_per_s_1000_steps": img_s, **r, "wall_s": time.time() - t0})
         print(f"{cfg}: {img_s:.2f} img/s at 1000 steps (step {1000 * r['per_step_s']:.1f} ms, "
-              f"warm-up {r['warmup_s']:.1f} s)", flush=True)
+              f"warm-up {r['warmup_s']:.1f} s, graphs compiled {r.get('graphs_compiled', '-')})", flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         meta = summarise(rows, flops, dev, a)    # after every config: a run killed at its limit keeps the rest

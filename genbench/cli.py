@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from genbench.config import COMPILE_MODES
 from genbench.errors import UserError
 
 
@@ -56,8 +57,9 @@ def main():
 @click.option("--dry-run", is_flag=True, help="Print the resolved configuration as JSON and exit.")
 @click.option("--bf16/--no-bf16", default=True, show_default=True, help="bf16 autocast while sampling (CUDA only).")
 @click.option("--compile", "compile_mode", default="off", show_default=True,
-              type=click.Choice(["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]),
-              help="torch.compile the networks for sampling (CUDA; reduce-overhead adds CUDA graphs).")
+              type=click.Choice(COMPILE_MODES),
+              help="torch.compile the networks for sampling, in this mode, and the feature extractor "
+                   "(CUDA; reduce-overhead adds CUDA graphs to sampling, tuned adds kernel tuning to that).")
 @click.option("--jobs", type=int, default=None,
               help="Runs at once, in worker processes sharing the CPU threads (default: the suite's "
                    "`jobs`, usually 1). Pays off for many small CPU runs, e.g. the mixtures suite.")
@@ -147,8 +149,9 @@ def summarize_cmd(results_dir, out):
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
               help="channels_last memory format (CUDA, image models).")
 @click.option("--compile", "compile_mode", default="off", show_default=True,
-              type=click.Choice(["off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]),
-              help="torch.compile mode for the networks (reduce-overhead adds CUDA graphs).")
+              type=click.Choice(COMPILE_MODES),
+              help="torch.compile mode for the networks (reduce-overhead adds CUDA graphs, tuned adds "
+                   "kernel tuning to that: slower to compile, faster to run).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("results/bench.json"),
               show_default=True, help="JSON file for the measurements.")
 @user_errors

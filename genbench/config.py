@@ -11,6 +11,11 @@ import yaml
 
 from genbench.errors import UserError
 
+# torch.compile modes the fast path accepts (genbench/fastpath.py says what "tuned" is); here, without
+# torch, so the CLI can offer them without importing torch.
+TUNED = "tuned"
+COMPILE_MODES = ("off", "default", "reduce-overhead", TUNED, "max-autotune", "max-autotune-no-cudagraphs")
+
 ROOT = Path(__file__).resolve().parent.parent
 CARDS_DIR = ROOT / "models"
 SUITES_DIR = ROOT / "suites"

@@ -16,7 +16,16 @@ from dataclasses import dataclass
 
 import torch
 
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+from genbench.config import COMPILE_MODES, TUNED
+
+# COMPILE_MODES are torch.compile's own modes plus "tuned": CUDA graphs (as reduce-overhead) with
+# inductor's coordinate-descent tuning of its generated kernels. On the DDPM CIFAR-10 UNet at batch 1024
+# on an H200, cuDNN's convolutions took 45% of a step's GPU time and inductor's fused group-norm/SiLU/add
+# kernels most of the rest (bench/results/h200-checks-run1.log); tuning those took the step from 39.0 to
+# 35.0 ms (46% of the bf16 peak) for 163 s of compilation instead of 31 s (bench/results/h200-sampling.json).
+# max-autotune adds template autotuning of convolutions and matmuls to the same tuning; it did not finish
+# compiling within the bench's time limit there.
+_TUNED_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
 
 
 @dataclass(frozen=True)
@@ -52,9 +61,10 @@ def prepare(model: torch.nn.Module, device, fp: FastPath) -> torch.nn.Module:
             raise ValueError(f"compile mode {fp.compile!r} is not one of {COMPILE_MODES}")
         # Compile each child network in place: the sampling loop stays Python, every network
         # call inside it runs the compiled graph (with CUDA graphs under reduce-overhead).
+        how = {"options": _TUNED_OPTIONS} if fp.compile == TUNED else {"mode": fp.compile}
         for child in model.children():
             if any(True for _ in child.parameters()):
-                child.compile(mode=fp.compile, dynamic=False)
+                child.compile(dynamic=False, **how)
     return model
 
 

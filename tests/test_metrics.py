@@ -134,59 +134,21 @@ def test_reference_fid_statistics_computed_once_and_same_numbers(monkeypatch):
     assert calls == [800, 900, 400]        # the reference's statistics once, each fake set once
 
 
-def _random_inception():
-    """torch-fidelity's InceptionV3 with seeded random weights and batch-norm statistics (its
-    constructor insists on loading a weights file, so loading is stubbed for the construction)."""
-    import tempfile
-    from pathlib import Path
+def test_compiled_extractor_pads_partial_batches_to_one_shape():
+    """A compiled extractor (CUDA) pads a smaller batch to the first batch's size so the compiled graph
+    is reused; the padding must not leak into, or change, the features. The padding logic is checked on
+    the CPU with the module left uncompiled."""
+    from genbench.data import load
+    from genbench.evaluate import Extractor, build_extractor
 
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3 as Inception
-
-    empty = Path(tempfile.mkdtemp()) / "empty.pt"
-    torch.save({}, empty)
-    original, Inception.load_state_dict = Inception.load_state_dict, lambda self, sd, *a, **k: None
-    try:
-        torch.manual_seed(0)
-        net = Inception("inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(empty))
-    finally:
-        Inception.load_state_dict = original
-    g = torch.Generator().manual_seed(1)
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):   # non-trivial scale and shift, so folding has work to do
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return net.eval()
-
-
-def test_fold_batchnorm_keeps_inception_features():
-    """Folding every batch norm of torch-fidelity's Inception into its convolutions (genbench's CUDA
-    extractor) removes all 94 norms and leaves the features equal up to float32 rounding."""
-    import copy
-
-    from genbench.evaluate import fold_batchnorm
-
-    net = _random_inception()
-    folded = fold_batchnorm(copy.deepcopy(net))
-    n_bn = lambda m: sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())
-    assert n_bn(net) == 94 and n_bn(folded) == 0
-    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
-    with torch.no_grad():
-        for a, b in zip(net(x), folded(x)):
-            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max().item())
-            assert not torch.equal(a, b) or a.abs().max() == 0   # the folded network really is another graph
-
-
-def test_fold_batchnorm_leaves_training_blocks_and_other_modules_alone():
-    from genbench.evaluate import fold_batchnorm
-
-    class Other(torch.nn.Module):   # conv + bn attributes, but not torch-fidelity's block
-        def __init__(self):
-            super().__init__()
-            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
-
-    other = fold_batchnorm(Other().eval())
-    assert isinstance(other.bn, torch.nn.BatchNorm2d)
-    training = fold_batchnorm(_random_inception().train())
-    assert sum(isinstance(x, torch.nn.BatchNorm2d) for x in training.modules()) == 94
+    plain = build_extractor("digits", torch.device("cpu"))
+    seen = []
+    padded = Extractor(plain.spec, lambda x: (seen.append(len(x)), plain.module(x))[1], None, plain.device,
+                       compiled=True)
+    x = load("digits", "test").x[:11]
+    full, part = padded(x[:8]), padded(x[8:])
+    assert seen == [8, 8]                                # the 3-image batch ran as 8
+    for k in plain.layers:
+        assert part[k].shape[0] == 3
+        assert torch.allclose(part[k], plain(x[8:])[k], atol=1e-5)
+        assert torch.allclose(full[k], plain(x[:8])[k], atol=1e-5)

@@ -107,6 +107,24 @@ def test_bf16_autocast_forward_is_finite():
     assert out.shape == (2, 2, 8, 8) and torch.isfinite(out.float()).all()
 
 
+def test_output_block_runs_in_fp32_under_bf16_autocast():
+    """The predicted noise is not rounded to bf16 (a sampler divides it by sqrt(alpha_bar)): the output
+    block leaves autocast, so under bf16 it comes back float32 with more than bf16's 8 mantissa bits;
+    without autocast the switch changes nothing."""
+    net = randomize(UNet(1, 1, 8, **TINY)).eval()
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([1, 200, 500, 999])
+    with torch.no_grad():
+        ref = net(x, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fp32_head = net(x, t)
+            net.out_fp32 = False
+            bf16_head = net(x, t)
+        plain = net(x, t)
+    assert fp32_head.dtype == torch.float32 and bf16_head.dtype == torch.bfloat16
+    assert torch.equal(plain, ref)
+    assert not torch.equal(fp32_head, fp32_head.bfloat16().float())
+
+
 def test_encoder_classifier_and_mlp_shapes():
     clf = EncoderClassifier(1, 10, 8, **TINY)
     assert clf(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])).shape == (4, 10)
