@@ -286,6 +286,7 @@ def provenance(extractor: Extractor | None, *, n_real: int | None, n_fake: int, 
     return {
         "extractor": extractor.spec.name if extractor else "mixture-modes",
         "extractor_sha256": extractor.sha256 if extractor else None,
+        "extractor_compiled": extractor.compiled if extractor else None,   # compiled kernels round differently
         "prc_features": extractor.spec.fid_layer if extractor else None,
         "n_real": n_real, "n_fake": n_fake, "ref_split": ref_split, "image_size": image_size,
         "versions": {"genbench": genbench.__version__, "torch": torch.__version__,
