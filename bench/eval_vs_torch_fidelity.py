@@ -91,7 +91,7 @@ def extractor_variants(dev, weights, x, batch) -> dict:
         net = create_feature_extractor("inception-v3-compat", ["2048"], cuda=False, verbose=False,
                                        feature_extractor_weights_path=weights).to(dev)
         net = net.to(memory_format=torch.channels_last) if nhwc else net
-        net = torch.compile(net) if comp else net
+        net = torch.compile(net, dynamic=False) if comp else net
         t = clock(dev)
         with torch.no_grad():
             net(chunks[0].to(dev))                        # warm-up: autotuning, compilation
@@ -196,13 +196,14 @@ def main():
     runs = [(f"genbench_{when}" + ("_compiled" if form == "compiled" else ""), form, when)
             for form in forms for when in ("cold", "warm")]
     for label, form, when in runs:
-        # cold: a new process's first evaluation (extractor built and, compiled, compiled on its first
-        # batch; reference features extracted and written to the cache); warm: the same process's next
-        # evaluation, as in a run (the extractor is kept, the reference features come from the cache).
+        # cold: a new process's first evaluation (the extractor is built, and a compiled one compiles on
+        # its first batch; reference features are extracted and written to the cache); warm: the same
+        # process's next evaluation, as in a run (the extractor is kept, reference features are read back).
+        if when == "cold":
+            shutil.rmtree(cache, ignore_errors=True)
         marks = [clock(dev)]
         if when == "cold":
             ext = build_extractor("inception-v3-compat", dev, inception_weights=weights, compile=form == "compiled")
-            shutil.rmtree(cache, ignore_errors=True)
         real_feats = Reference.on(dev, reference_features(ext, real_data, None, cache, batch_size=a.batch))
         marks.append(clock(dev))
         fake_feats = extract(ext, (fake[i:i + a.batch] for i in range(0, a.n, a.batch)), to_cpu=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -169,12 +170,19 @@ def main():
                     help="after timing this genbench config, print its top kernels over two steps")
     ap.add_argument("--out", type=Path, default=Path("results/bench_sampling.json"))
     a = ap.parse_args()
+    configs = a.configs.split(",")
+    known = {"diffusers-fp32", "diffusers-bf16", "diffusers-bf16-compile", "genbench-fp32", "genbench-bf16",
+             *(f"genbench-bf16-{k}" for k in GENBENCH_COMPILE)}
+    unknown = [c for c in configs if c not in known]
+    if unknown:   # a typo must not quietly time an uncompiled model under a compiled config's name
+        print(f"error: unknown config(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}", file=sys.stderr)
+        return 2
     dev = torch.device(a.device)
     torch.backends.cudnn.benchmark = True
     size = 16 if a.tiny else 32
     rows = []
     flops = None
-    for cfg in a.configs.split(","):
+    for cfg in configs:
         t0 = time.time()
         if cfg.startswith("diffusers"):
             bf16 = "bf16" in cfg
@@ -207,4 +215,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
