@@ -142,6 +142,8 @@ def main():
     try:
         if a.n < 4 or a.batch < 1:
             raise UserError("--n must be at least 4 (precision/recall uses 3 neighbours) and --batch at least 1")
+        if not 0 <= a.variants <= a.n:
+            raise UserError(f"--variants must be between 0 and --n ({a.n})")
         forms = [f for f in a.forms.split(",") if f]
         if not forms or set(forms) - {"plain", "compiled"}:
             raise UserError(f"--forms takes plain and/or compiled, not {a.forms!r}")

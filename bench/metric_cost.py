@@ -95,7 +95,7 @@ def main():
 
     from genbench import evaluators
     from genbench.errors import UserError
-    from genbench.evaluate import Reference, fidelity_metrics, prc_memory_args
+    from genbench.evaluate import Reference, fidelity_metrics, prc_full_peak_bytes, prc_memory_args
     from genbench.runner import resolve_device
 
     try:
@@ -130,7 +130,7 @@ def main():
             stage("prc_blocked", lambda: prc_features_to_metric(fake["pool"], real["pool"], verbose=False, **blocked))
         else:
             print("prc_blocked: skipped (the full matrices fit that budget)", flush=True)
-    full_gb = 16 * max(a.n_fake, a.n_real) ** 2 / 1e9     # four n x n float32 matrices, as measured at 10k
+    full_gb = prc_full_peak_bytes(a.n_fake, a.n_real) / 1e9
     if a.skip_full or full_gb > a.max_full_gb:
         print(f"prc_torch_fidelity: skipped (estimated peak {full_gb:.1f} GB)", flush=True)
     else:

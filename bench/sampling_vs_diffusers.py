@@ -177,6 +177,9 @@ def main():
     if unknown:   # a typo must not quietly time an uncompiled model under a compiled config's name
         print(f"error: unknown config(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}", file=sys.stderr)
         return 2
+    if a.profile is not None and (a.profile not in configs or not a.profile.startswith("genbench")):
+        print(f"error: --profile {a.profile} must be one of the genbench configs in --configs", file=sys.stderr)
+        return 2
     dev = torch.device(a.device)
     torch.backends.cudnn.benchmark = True
     size = 16 if a.tiny else 32

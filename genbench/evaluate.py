@@ -169,13 +169,18 @@ def _quarter_of_ram() -> int:
 PRC_MEMORY_BYTES = _quarter_of_ram()
 
 
+def prc_full_peak_bytes(n_fake: int, n_real: int) -> int:
+    """Estimated peak of torch-fidelity's full-matrix precision/recall: four n x n float32 matrices."""
+    n = max(n_fake, n_real)
+    return 4 * (4 * n * n)
+
+
 def prc_memory_args(n_fake: int, n_real: int, budget: int | None = None) -> dict:
     """torch-fidelity arguments for precision/recall: full matrices when they fit the budget, else blocks."""
     budget = PRC_MEMORY_BYTES if budget is None else budget
-    n = max(n_fake, n_real)
-    if 4 * (4 * n * n) <= budget:
+    if prc_full_peak_bytes(n_fake, n_real) <= budget:
         return {"save_cpu_ram": False}
-    return {"save_cpu_ram": True, "prc_batch_size": max(1, budget // (5 * 4 * n))}
+    return {"save_cpu_ram": True, "prc_batch_size": max(1, budget // (5 * 4 * max(n_fake, n_real)))}
 
 
 def fidelity_metrics(fake: dict[str, torch.Tensor], real: dict[str, torch.Tensor] | Reference, spec, groups,

@@ -41,7 +41,7 @@ class FastPath:
     def describe(self, device: torch.device) -> dict:
         on_cuda = torch.device(device).type == "cuda"
         return {"bf16": self.uses_bf16(device), "channels_last": self.channels_last and on_cuda,
-                "compile": self.compile if on_cuda or self.compile == "off" else self.compile}
+                "compile": self.compile}
 
 
 def tune_cudnn(device) -> None:

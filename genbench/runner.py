@@ -201,10 +201,11 @@ def _run_logged(p: Plan, ds, card: Card, seed: int, tag: str) -> tuple[str, str]
     """One run with its crash recorded: (status, the line to log)."""
     rdir = store.run_dir(p.opts.results_dir, p.suite.name, ds.name, card.name, seed)
     ext_name = p.extractors[ds.name]
-    key = (ext_name, str(p.device), p.opts.inception_weights, p.opts.fast.compile != "off")
+    compile_extractor = p.opts.fast.compile != "off"   # --compile covers the extractor too
+    key = (ext_name, str(p.device), p.opts.inception_weights, compile_extractor)
     if ext_name and key not in _EXTRACTORS:
         _EXTRACTORS[key] = build_extractor(ext_name, p.device, inception_weights=p.opts.inception_weights,
-                                           download=p.opts.download, compile=p.opts.fast.compile != "off")
+                                           download=p.opts.download, compile=compile_extractor)
     t0 = time.time()
     try:
         status = run_one(p, ds, card, seed, rdir, _EXTRACTORS.get(key))
