@@ -12,10 +12,10 @@ randomly initialised Inception (same architecture, same FLOPs, same numbers on b
 (--forms compiled adds both rows with the torch.compile'd extractor of `genbench run --compile`,
 compilation counted in the cold row).
 genbench's rows also split their wall time into stages (reference features, generated features,
-metrics, and each metric group alone), so a slow total says which part to work on. --variants adds a
-throughput table of the extractor's forms (torch-fidelity's own, channels_last, cuDNN autotuning,
-torch.compile) on the same images, each with its largest feature difference from
-torch-fidelity's own forward.
+metrics, the wait for the reference cache file that a thread writes meanwhile, and each metric group
+alone), so a slow total says which part to work on. --variants adds a throughput table of the
+extractor's forms (torch-fidelity's own, channels_last, cuDNN autotuning, torch.compile) on the same
+images, each with its largest feature difference from torch-fidelity's own forward.
 
     python bench/eval_vs_torch_fidelity.py --n 50000 --out results/bench_eval.json
     python bench/eval_vs_torch_fidelity.py --device cpu --n 600 --batch 200   # wiring check on a CPU
@@ -130,13 +130,17 @@ def main():
                     "(the default extractor) and/or compiled (torch.compile'd, as `genbench run --compile`)")
     ap.add_argument("--variants", type=int, default=0, metavar="N",
                     help="also time the extractor's forms on N generated images (0: skip)")
+    ap.add_argument("--profile-extractor", action="store_true",
+                    help="also print the kernels that take the device's time in two batches of genbench's "
+                    "uncompiled extractor (where its cold time goes)")
     ap.add_argument("--out", type=Path, default=Path("results/bench_eval.json"))
     a = ap.parse_args()
     import torch_fidelity
 
     from genbench.data import Data
     from genbench.errors import UserError
-    from genbench.evaluate import Reference, build_extractor, extract, fidelity_metrics, reference_features
+    from genbench.evaluate import (Reference, build_extractor, extract, fidelity_metrics, reference_features,
+                                   wait_for_cache_writes)
     from genbench.runner import resolve_device
 
     try:
@@ -212,8 +216,11 @@ def main():
         marks.append(clock(dev))
         ours = fidelity_metrics(fake_feats, real_feats, ext.spec, groups, kid_subset_size=min(1000, a.n), seed=2020)
         marks.append(clock(dev))
+        wait_for_cache_writes()   # end to end: the reference cache file (written by a thread) is on disk
+        marks.append(clock(dev))
         s = marks[-1] - marks[0]
-        stages = dict(zip(("reference", "extract_fake", "metrics"), (b - e for e, b in zip(marks, marks[1:]))))
+        stages = dict(zip(("reference", "extract_fake", "metrics", "cache_write_wait"),
+                          (b - e for e, b in zip(marks, marks[1:]))))
         rel = {k: abs(ours[k] - ref[k]) / max(abs(ref[k]), 1e-12) for k in ref}
         rows[label] = {"wall_s": s, **{k: ours[k] for k in ref}, "rel_diff_vs_torch_fidelity": rel,
                        "stages_s": stages}
@@ -227,6 +234,14 @@ def main():
     print("metric groups alone:", {k: round(v, 2) for k, v in rows[label]["stages_s"].items()
                                    if k.startswith("metric_")}, flush=True)
     write(rows)
+    if a.profile_extractor:
+        from sampling_vs_diffusers import profile_steps   # bench/ is on sys.path: it holds this script
+
+        plain = build_extractor("inception-v3-compat", dev, inception_weights=weights)
+        chunk = fake[:a.batch]
+        plain(chunk)   # warm-up: cuDNN autotuning
+        print(f"\nkernels of genbench's uncompiled extractor, 2 batches of {len(chunk)}:", flush=True)
+        profile_steps(lambda k: [plain(chunk) for _ in range(k)], dev)
     if a.variants:
         variants = extractor_variants(dev, weights, fake[:a.variants], a.batch)
         write(rows, variants)

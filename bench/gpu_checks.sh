@@ -6,7 +6,7 @@
 # on-disk cache is warm: the open cold-evaluation goal), sampling (beside diffusers; the tuned configs
 # last, being the slowest to compile), metric-cost (the metric stage at 50k, precision/recall included).
 # STAGES picks them; the default is what is still unmeasured (eval, eval-cached-compile, metric-cost:
-# 430 s of limits). All five add up to 720 s, more than one call's 600 s.
+# 440 s of limits). All five add up to 730 s, more than one call's 600 s.
 #
 # Prepare on the development machine (folders ignored by git, carried to the device machine):
 #   pip download --no-deps ... -d .whl torch-fidelity==0.4.0 diffusers importlib_metadata  (see the device README)
@@ -61,8 +61,8 @@ DATA_ARGS=()
 
 stage bf16-quality 60 "$PY" bench/bf16_vs_fp32_quality.py --run "$RUN" "${DATA_ARGS[@]}" --device "$DEVICE" "${Q[@]}" \
   --out "$OUT/bf16-quality.json"
-stage eval 190 "$PY" bench/eval_vs_torch_fidelity.py --device "$DEVICE" "${E[@]}" --skip-default-batch \
-  --out "$OUT/eval.json"
+stage eval 200 "$PY" bench/eval_vs_torch_fidelity.py --device "$DEVICE" "${E[@]}" --skip-default-batch \
+  --profile-extractor --out "$OUT/eval.json"
 stage eval-cached-compile 120 "$PY" bench/eval_vs_torch_fidelity.py --device "$DEVICE" "${E[@]}" --forms compiled \
   --skip-default-batch --out "$OUT/eval-cached-compile.json"
 stage sampling 230 "$PY" bench/sampling_vs_diffusers.py --device "$DEVICE" "${S[@]}" --out "$OUT/sampling.json"

@@ -13,6 +13,9 @@ device's peak allocation). Rows:
   prc_blocked              with --blocked-budget-gb: the blocked mode forced at that budget
   prc_torch_fidelity       torch-fidelity's default (full distance matrices on the host, peak about four
                            n x n float32 matrices); skipped with --skip-full or above --max-full-gb
+  cache_write / cache_read the reference-cache file of n-real Inception features (pool + logits) written
+                           as genbench writes it (temp file, fsync, rename; a background thread in a run)
+                           and read back to --device
 
     python bench/metric_cost.py --n-fake 10000 --n-real 10000 --blocked-budget-gb 1 \
         --out bench/results/cpu-metric-cost-10k.json
@@ -24,6 +27,7 @@ import argparse
 import json
 import platform
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -78,6 +82,25 @@ def timed(dev: torch.device, fn):
     return out, row
 
 
+def prc_rows(a, stage, fake, real, ref, spec, full_gb) -> None:
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    from genbench.evaluate import fidelity_metrics, prc_memory_args
+
+    stage("prc_genbench", lambda: fidelity_metrics(fake, ref, spec, ["prc"]))
+    if a.blocked_budget_gb is not None:
+        blocked = prc_memory_args(a.n_fake, a.n_real, budget=int(a.blocked_budget_gb * 2 ** 30))
+        if blocked["save_cpu_ram"]:
+            stage("prc_blocked", lambda: prc_features_to_metric(fake["pool"], real["pool"], verbose=False, **blocked))
+        else:
+            print("prc_blocked: skipped (the full matrices fit that budget)", flush=True)
+    if a.skip_full or full_gb > a.max_full_gb:
+        print(f"prc_torch_fidelity: skipped (estimated peak {full_gb:.1f} GB)", flush=True)
+    else:
+        stage("prc_torch_fidelity", lambda: prc_features_to_metric(fake["pool"].cpu(), real["pool"].cpu(),
+                                                                   verbose=False))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", help="where the features live (auto, cpu or cuda)")
@@ -85,18 +108,18 @@ def main():
     ap.add_argument("--n-real", type=int, default=10_000, help="reference feature vectors")
     ap.add_argument("--dim", type=int, default=2048, help="feature width (Inception pool: 2048)")
     ap.add_argument("--skip-full", action="store_true", help="skip torch-fidelity's full-matrix precision/recall")
+    ap.add_argument("--skip-prc", action="store_true", help="skip every precision/recall row")
     ap.add_argument("--max-full-gb", type=float, default=8.0,
                     help="skip the full-matrix precision/recall when its estimated peak exceeds this")
     ap.add_argument("--blocked-budget-gb", type=float, default=None,
                     help="also time precision/recall in blocked mode at this memory budget")
     ap.add_argument("--out", type=Path, default=Path("results/metric_cost.json"), help="JSON written at the end")
     a = ap.parse_args()
-    from torch_fidelity.metric_prc import prc_features_to_metric
-
     from genbench import evaluators
     from genbench.errors import UserError
     from genbench.evaluate import Reference, fidelity_metrics, prc_full_peak_bytes, prc_memory_args
     from genbench.runner import resolve_device
+    from genbench.store import atomic_torch_save
 
     try:
         if min(a.n_fake, a.n_real, a.dim) < 4:
@@ -123,19 +146,21 @@ def main():
     stage("fid_recomputed", lambda: fidelity_metrics(fake, real, spec, ["fid"]))   # a plain dict: no reuse
     stage("isc", lambda: fidelity_metrics(fake, ref, spec, ["isc"]))
     stage("kid", lambda: fidelity_metrics(fake, ref, spec, ["kid"]))
-    stage("prc_genbench", lambda: fidelity_metrics(fake, ref, spec, ["prc"]))
-    if a.blocked_budget_gb is not None:
-        blocked = prc_memory_args(a.n_fake, a.n_real, budget=int(a.blocked_budget_gb * 2 ** 30))
-        if blocked["save_cpu_ram"]:
-            stage("prc_blocked", lambda: prc_features_to_metric(fake["pool"], real["pool"], verbose=False, **blocked))
-        else:
-            print("prc_blocked: skipped (the full matrices fit that budget)", flush=True)
+    host = {"pool": real["pool"].cpu(), "logits": torch.randn(a.n_real, 1008, generator=g)}
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "reference.pt"
+
+        def read_back() -> dict:
+            feats = {k: v.to(dev) for k, v in torch.load(cache, weights_only=True).items()}
+            return {"bytes": sum(v.numel() * v.element_size() for v in feats.values())}
+
+        stage("cache_write", lambda: atomic_torch_save(cache, host) or {})
+        stage("cache_read", read_back)
     full_gb = prc_full_peak_bytes(a.n_fake, a.n_real) / 1e9
-    if a.skip_full or full_gb > a.max_full_gb:
-        print(f"prc_torch_fidelity: skipped (estimated peak {full_gb:.1f} GB)", flush=True)
+    if a.skip_prc:
+        print("prc: skipped (--skip-prc)", flush=True)
     else:
-        stage("prc_torch_fidelity", lambda: prc_features_to_metric(fake["pool"].cpu(), real["pool"].cpu(),
-                                                                   verbose=False))
+        prc_rows(a, stage, fake, real, ref, spec, full_gb)
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
             "threads": torch.get_num_threads(), "n_fake": a.n_fake, "n_real": a.n_real, "dim": a.dim,
             "prc_args": prc_memory_args(a.n_fake, a.n_real), "prc_full_peak_estimate_gb": full_gb,

@@ -117,7 +117,7 @@ def bench_genbench(dev, batch, steps, tiny, fast: FastPath):
 
 
 def profile_steps(run, dev, steps=2, rows=15) -> None:
-    """Print the kernels that take the device's time in `steps` sampling steps (where to work next)."""
+    """Print the kernels that take the device's time in `run(steps)` (where to work next)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])

@@ -261,9 +261,7 @@ def run_one(p: Plan, ds, card: Card, seed: int, rdir: Path, extractor: Extractor
               "suite_version": suite.version, "dataset": ds.name, "card": card.name, "family": card.family,
               "seed": seed, "metrics": {}, "sampling": {}, "training": training, "provenance": prov, "sweeps": []}
     if not result.diverged:
-        buf = io.BytesIO()
-        torch.save(result.model.state_dict(), buf)
-        store.atomic_write_bytes(rdir / store.MODEL_FILE, buf.getvalue())
+        store.atomic_torch_save(rdir / store.MODEL_FILE, result.model.state_dict())
         model = prepare(result.model, p.device, opts.fast)
         record["metrics"], record["sampling"], grid = _evaluate_point(model, card.sampler, seed, ev, ref,
                                                                         extractor, real_feats, opts,

@@ -19,7 +19,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import pandas as pd
 
@@ -51,14 +51,14 @@ def run_dir(results: Path, suite: str, dataset: str, card: str, seed: int) -> Pa
 # --------------------------------------------------------------------------- atomic writes
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: readers never see half a file."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """`write(file)` into a temp file in the same folder, fsync, then rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -69,6 +69,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    """torch.save straight into the temp file: no in-memory copy of the whole file, and torch's writer
+    releases the GIL while it writes (a thread can save while the main thread works)."""
+    import torch
+
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _clean(obj: Any) -> Any:

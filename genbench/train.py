@@ -8,7 +8,6 @@ quality-vs-kimg curves, and atomic checkpoints that let an interrupted run conti
 from __future__ import annotations
 
 import copy
-import io
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 from genbench.data import Data
 from genbench.families.base import Batch, GenerativeModel
-from genbench.store import CHECKPOINT_FILE, atomic_write_bytes
+from genbench.store import CHECKPOINT_FILE, atomic_torch_save
 
 # A loss this large is a blow-up even where no NaN appears (GAN losses are O(1..100)).
 LOSS_EXPLOSION = 1e6
@@ -81,12 +80,10 @@ def _ema_update(ema: GenerativeModel, model: GenerativeModel, decay: float) -> N
 def _save_checkpoint(path: Path, model, ema, opts, state: TrainState, gen: torch.Generator,
                      perm: torch.Tensor, pos: int) -> None:
     # Everything the next step depends on, so a resumed run matches an uninterrupted one.
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                "optimizers": {k: o.state_dict() for k, o in opts.items()},
-                "state": state.to_dict(), "batch_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                "perm": perm, "pos": pos}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_torch_save(path, {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                             "optimizers": {k: o.state_dict() for k, o in opts.items()},
+                             "state": state.to_dict(), "batch_rng": gen.get_state(),
+                             "torch_rng": torch.get_rng_state(), "perm": perm, "pos": pos})
 
 
 def train(model: GenerativeModel, data: Data, *, budget_kimg: float, batch_size: int, seed: int,

@@ -152,3 +152,47 @@ def test_compiled_extractor_pads_partial_batches_to_one_shape():
         assert part[k].shape[0] == 3
         assert torch.allclose(part[k], plain(x[8:])[k], atol=1e-5)
         assert torch.allclose(full[k], plain(x[:8])[k], atol=1e-5)
+
+
+def _digits_reference(n=120):
+    from genbench.data import load
+    from genbench.evaluate import build_extractor
+
+    return build_extractor("digits", torch.device("cpu")), load("digits", "test")
+
+
+def test_reference_cache_is_written_by_a_thread_and_read_back(tmp_path, monkeypatch):
+    """The cold call returns before its cache file exists; the next call for the same file waits for
+    that write and reads it back instead of extracting again; the features are the same."""
+    import threading
+
+    from genbench import evaluate
+
+    evaluate.wait_for_cache_writes()   # writes started by earlier tests
+    ext, data = _digits_reference()
+    calls, release = [], threading.Event()
+    real_extract, real_save = evaluate.extract, evaluate.atomic_torch_save
+    monkeypatch.setattr(evaluate, "extract", lambda *a, **k: calls.append(1) or real_extract(*a, **k))
+    monkeypatch.setattr(evaluate, "atomic_torch_save", lambda p, o: release.wait(10) and real_save(p, o))
+    first = evaluate.reference_features(ext, data, 120, tmp_path, batch_size=50)
+    assert list(tmp_path.glob("*.pt")) == [] and len(evaluate._cache_writes) == 1   # still being written
+    release.set()
+    again = evaluate.reference_features(ext, data, 120, tmp_path, batch_size=50)
+    assert len(calls) == 1 and len(list(tmp_path.glob("*.pt"))) == 1 and not evaluate._cache_writes
+    assert all(torch.equal(first[k], again[k]) for k in first) and len(first[ext.spec.fid_layer]) == 120
+
+
+def test_reference_cache_write_failure_is_one_warning_line(tmp_path, monkeypatch, capsys):
+    from genbench import evaluate
+
+    ext, data = _digits_reference()
+
+    def disk_full(path, obj):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluate, "atomic_torch_save", disk_full)
+    feats = evaluate.reference_features(ext, data, 60, tmp_path, batch_size=50)
+    evaluate.wait_for_cache_writes()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(feats[ext.spec.fid_layer]) == 60 and list(tmp_path.iterdir()) == []
+    assert len(err) == 1 and err[0].startswith("genbench: warning: reference features not cached") and "No space" in err[0]

@@ -142,12 +142,10 @@ class FashionStackedExtractor(ClassifierExtractor):
 def train_classifier(dataset: str, *, epochs: int = 8, seed: int = 0, out: Path | None = None,
                      data_root=None, progress: bool = True) -> dict:
     """Train the domain classifier, write fp16 weights atomically, return {test_accuracy, ...}."""
-    import io
-
     from tqdm import tqdm
 
     from genbench import data as gdata
-    from genbench.store import atomic_write_bytes
+    from genbench.store import atomic_torch_save
 
     torch.manual_seed(seed)
     size = NATIVE_SIZE[dataset]
@@ -179,10 +177,8 @@ def train_classifier(dataset: str, *, epochs: int = 8, seed: int = 0, out: Path 
     bar.close()
     acc = accuracy(net, test.x, test.y, size)
     state = {k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()}
-    buf = io.BytesIO()
-    torch.save(state, buf)
     path = out or weights_path(dataset)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_torch_save(path, state)
     return {"dataset": dataset, "test_accuracy": acc, "epochs": epochs, "seed": seed,
             "train_seconds": time.time() - t0, "weights": str(path), "sha256": file_sha256(path)}
 
