@@ -10,10 +10,14 @@ randomly initialised Inception (same architecture, same FLOPs, same numbers on b
   genbench warm    the same process's next evaluation: extractor kept, reference features from the
                    disk cache, generated features + metrics
 (--forms compiled adds both rows with the torch.compile'd extractor of `genbench run --compile`,
-compilation counted in the cold row).
-genbench's rows also split their wall time into stages (reference features, generated features,
-metrics, the wait for the reference cache file that a thread writes meanwhile, and each metric group
-alone), so a slow total says which part to work on. --variants adds a throughput table of the
+compilation counted in the cold row; --forms aot, an experiment not in genbench yet, adds them with the
+extractor compiled ahead of time by torch.export + AOTInductor into a package in --aot-dir, loaded from
+there by a later process without tracing or compiling: the cold row counts the compilation when the
+package is absent and only the loading when a previous process left it).
+genbench's rows also split their wall time into stages (building the extractor; reference features,
+where a torch.compile'd extractor compiles on its first batch; generated features; metrics; the wait
+for the reference cache file that a thread writes meanwhile; each metric group alone), so a slow total
+says which part to work on. --variants adds a throughput table of the
 extractor's forms (torch-fidelity's own, channels_last, cuDNN autotuning, torch.compile) on the same
 images, each with its largest feature difference from torch-fidelity's own forward.
 
@@ -107,6 +111,25 @@ def extractor_variants(dev, weights, x, batch) -> dict:
     return out
 
 
+def aot_extractor(dev, weights, batch: int, pkg_dir: Path):
+    """genbench's extractor compiled ahead of time (torch.export, then AOTInductor) for batches of `batch`
+    into a package file, or loaded from that file when an earlier process left it. The package is keyed
+    by weights, batch, device and torch version: it is only valid for the exact same setting."""
+    from genbench.evaluate import Extractor, build_extractor
+
+    ext = build_extractor("inception-v3-compat", dev, inception_weights=weights)
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    key = f"inception-{(ext.sha256 or 'nohash')[:16]}-b{batch}-{where}-torch{torch.__version__}"
+    pkg = pkg_dir / ("".join(c if c.isalnum() or c in "-." else "_" for c in key) + ".pt2")
+    if not pkg.is_file():
+        pkg_dir.mkdir(parents=True, exist_ok=True)
+        example = torch.zeros(batch, 3, 32, 32, dtype=torch.uint8, device=dev)
+        program = torch.export.export(ext.module, (example,))
+        torch._inductor.aoti_compile_and_package(program, package_path=str(pkg))
+    # Extractor(compiled=True) pads a short last batch to the package's batch size
+    return Extractor(ext.spec, torch._inductor.aoti_load_package(str(pkg)), ext.sha256, dev, compiled=True)
+
+
 class Tensors(torch.utils.data.Dataset):
     def __init__(self, x):
         self.x = x
@@ -127,13 +150,18 @@ def main():
     ap.add_argument("--prc", action="store_true", help="also precision/recall (Inception pool features)")
     ap.add_argument("--skip-default-batch", action="store_true", help="skip torch-fidelity at its default batch")
     ap.add_argument("--forms", default="plain", help="genbench pipelines to time, comma-separated: plain "
-                    "(the default extractor) and/or compiled (torch.compile'd, as `genbench run --compile`)")
+                    "(the default extractor), compiled (torch.compile'd, as `genbench run --compile`), aot "
+                    "(compiled ahead of time into a package in --aot-dir; an experiment)")
+    ap.add_argument("--aot-dir", type=Path, default=None,
+                    help="where the aot form keeps its compiled package (default: a new temporary folder, "
+                    "so it compiles); pass the folder of an earlier run to time loading instead")
     ap.add_argument("--variants", type=int, default=0, metavar="N",
                     help="also time the extractor's forms on N generated images (0: skip)")
     ap.add_argument("--profile-extractor", action="store_true",
                     help="also print the kernels that take the device's time in two batches of genbench's "
                     "uncompiled extractor (where its cold time goes)")
-    ap.add_argument("--out", type=Path, default=Path("results/bench_eval.json"))
+    ap.add_argument("--out", type=Path, default=Path("results/bench_eval.json"),
+                    help="JSON file, rewritten after every finished row")
     a = ap.parse_args()
     import torch_fidelity
 
@@ -149,8 +177,8 @@ def main():
         if not 0 <= a.variants <= a.n:
             raise UserError(f"--variants must be between 0 and --n ({a.n})")
         forms = [f for f in a.forms.split(",") if f]
-        if not forms or set(forms) - {"plain", "compiled"}:
-            raise UserError(f"--forms takes plain and/or compiled, not {a.forms!r}")
+        if not forms or set(forms) - {"plain", "compiled", "aot"}:
+            raise UserError(f"--forms takes plain, compiled and/or aot, not {a.forms!r}")
         dev = resolve_device(a.device)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -199,8 +227,9 @@ def main():
 
     cache = work / "cache"
     real_data = Data("bench-real", "test", real, None, 0)
-    runs = [(f"genbench_{when}" + ("_compiled" if form == "compiled" else ""), form, when)
+    runs = [(f"genbench_{when}" + ("" if form == "plain" else f"_{form}"), form, when)
             for form in forms for when in ("cold", "warm")]
+    aot_dir = a.aot_dir or work / "aot"
     for label, form, when in runs:
         # cold: a new process's first evaluation (the extractor is built, and a compiled one compiles on
         # its first batch; reference features are extracted and written to the cache); warm: the same
@@ -209,7 +238,9 @@ def main():
             shutil.rmtree(cache, ignore_errors=True)
         marks = [clock(dev)]
         if when == "cold":
-            ext = build_extractor("inception-v3-compat", dev, inception_weights=weights, compile=form == "compiled")
+            ext = (aot_extractor(dev, weights, a.batch, aot_dir) if form == "aot" else
+                   build_extractor("inception-v3-compat", dev, inception_weights=weights, compile=form == "compiled"))
+        marks.append(clock(dev))
         real_feats = Reference.on(dev, reference_features(ext, real_data, None, cache, batch_size=a.batch))
         marks.append(clock(dev))
         fake_feats = extract(ext, (fake[i:i + a.batch] for i in range(0, a.n, a.batch)), to_cpu=False)
@@ -219,7 +250,7 @@ def main():
         wait_for_cache_writes()   # end to end: the reference cache file (written by a thread) is on disk
         marks.append(clock(dev))
         s = marks[-1] - marks[0]
-        stages = dict(zip(("reference", "extract_fake", "metrics", "cache_write_wait"),
+        stages = dict(zip(("extractor", "reference", "extract_fake", "metrics", "cache_write_wait"),
                           (b - e for e, b in zip(marks, marks[1:]))))
         rel = {k: abs(ours[k] - ref[k]) / max(abs(ref[k]), 1e-12) for k in ref}
         rows[label] = {"wall_s": s, **{k: ours[k] for k in ref}, "rel_diff_vs_torch_fidelity": rel,

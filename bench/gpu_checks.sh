@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU measurements of the fast-path issue in one prepared run on a lent H100/H200, each stage with its
 # own time limit (one slow stage cannot take the others' results with it); everything lands in $OUT
-# (default ./gpu-out). Stages: bf16-quality (bf16 vs fp32 FD), eval (beside torch-fidelity, plain and
-# compiled extractor), eval-cached-compile (the compiled rows again in a second process, so inductor's
-# on-disk cache is warm: the open cold-evaluation goal), sampling (beside diffusers; the tuned configs
-# last, being the slowest to compile), metric-cost (the metric stage at 50k, precision/recall included).
-# STAGES picks them; the default is what is still unmeasured (eval, eval-cached-compile, metric-cost:
-# 440 s of limits). All five add up to 730 s, more than one call's 600 s.
+# (default ./gpu-out). Stages: bf16-quality (bf16 vs fp32 FD), eval (beside torch-fidelity: plain,
+# torch.compile'd and ahead-of-time compiled extractor, and a kernel profile of the plain one),
+# eval-second-process (the compiled and aot rows again in a new process: inductor's on-disk cache warm,
+# the aot package loaded instead of compiled; the open cold-evaluation goal), sampling (beside diffusers;
+# the tuned configs last, being the slowest to compile), metric-cost (the metric stage at 50k,
+# precision/recall included). STAGES picks them; the default is the open goal's two stages (450 s of
+# limits); metric-cost (120 s) is the next unmeasured one. All five add up to 860 s, more than one
+# call's 600 s.
 #
 # Prepare on the development machine (folders ignored by git, carried to the device machine):
 #   pip download --no-deps ... -d .whl torch-fidelity==0.4.0 diffusers importlib_metadata  (see the device README)
@@ -30,7 +32,9 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && ! "$PY" -c "import torch_fide
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-STAGES=${STAGES:-eval eval-cached-compile metric-cost}   # which stages to run (see the header)
+STAGES=${STAGES:-eval eval-second-process}   # which stages to run (see the header)
+AOT_DIR=${AOT_DIR:-/tmp/genbench-aot}   # the aot package: compiled by eval, loaded by eval-second-process
+rm -rf "$AOT_DIR"
 
 stage() {   # stage NAME LIMIT_S COMMAND...: run with a time limit, log its output and exit status
   local name=$1 limit=$2
@@ -50,21 +54,21 @@ fi
 
 if [ "$SMALL" = 1 ]; then
   S=(--tiny --batch 16 --steps 2 --configs diffusers-fp32,genbench-fp32,genbench-bf16 --profile genbench-bf16)
-  Q=(--seeds 2 --n 40 --bf16-head); M=(--n-fake 2000 --n-real 2000); E=(--n 60 --batch 30 --forms plain,compiled)
+  Q=(--seeds 2 --n 40 --bf16-head); M=(--n-fake 2000 --n-real 2000); E=(--n 60 --batch 30)
 else
   S=(--batch 1024 --steps 20 --configs diffusers-fp32,genbench-bf16-cudagraphs,genbench-bf16-tuned,genbench-bf16-autotune)
   Q=(--seeds 4 --n 2000 --bf16-head); M=(--n-fake 50000 --n-real 50000 --skip-full)
-  E=(--n 50000 --batch 500 --forms plain,compiled)
+  E=(--n 50000 --batch 500)
 fi
 DATA_ARGS=()
 [ -d "$DATA" ] && DATA_ARGS=(--data-root "$DATA")
 
 stage bf16-quality 60 "$PY" bench/bf16_vs_fp32_quality.py --run "$RUN" "${DATA_ARGS[@]}" --device "$DEVICE" "${Q[@]}" \
   --out "$OUT/bf16-quality.json"
-stage eval 200 "$PY" bench/eval_vs_torch_fidelity.py --device "$DEVICE" "${E[@]}" --skip-default-batch \
-  --profile-extractor --out "$OUT/eval.json"
-stage eval-cached-compile 120 "$PY" bench/eval_vs_torch_fidelity.py --device "$DEVICE" "${E[@]}" --forms compiled \
-  --skip-default-batch --out "$OUT/eval-cached-compile.json"
+stage eval 300 "$PY" bench/eval_vs_torch_fidelity.py --device "$DEVICE" "${E[@]}" --forms plain,compiled,aot \
+  --aot-dir "$AOT_DIR" --skip-default-batch --profile-extractor --out "$OUT/eval.json"
+stage eval-second-process 150 "$PY" bench/eval_vs_torch_fidelity.py --device "$DEVICE" "${E[@]}" --forms aot,compiled \
+  --aot-dir "$AOT_DIR" --skip-default-batch --out "$OUT/eval-second-process.json"
 stage sampling 230 "$PY" bench/sampling_vs_diffusers.py --device "$DEVICE" "${S[@]}" --out "$OUT/sampling.json"
 stage metric-cost 120 "$PY" bench/metric_cost.py --device "$DEVICE" "${M[@]}" --out "$OUT/metric-cost.json"
 echo "== done $(date +%T); files in $OUT: $(ls "$OUT" | tr '\n' ' ')" | tee -a "$LOG"
