@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
@@ -104,7 +105,7 @@ _cache_writes: dict[Path, threading.Thread] = {}
 
 
 def reference_features(extractor: Extractor, data: Data, n_real: int | None, cache_dir: Path | None,
-                       batch_size: int = 500) -> dict[str, torch.Tensor]:
+                       batch_size: int = 500, progress: bool = False) -> dict[str, torch.Tensor]:
     """{layer: float32 [N, D]} of the first `n_real` images of `data`, on the extractor's device.
 
     Read from the disk cache when it has them; else extracted, and the cache file written by a thread
@@ -118,7 +119,12 @@ def reference_features(extractor: Extractor, data: Data, n_real: int | None, cac
         _cache_writes.pop(path).join()
     if path is not None and path.is_file():
         return torch.load(path, map_location=extractor.device, weights_only=True)
-    feats = extract(extractor, (data.x[i:min(i + batch_size, n)] for i in range(0, n, batch_size)), to_cpu=False)
+    # Inception on a CPU extracts a few images a second: 50,000 reference images take hours, so show it
+    bar = tqdm(total=n, desc=f"reference features ({data.name} {data.split})", unit="img", disable=not progress,
+               leave=False)
+    batches = (data.x[i:min(i + batch_size, n)] for i in range(0, n, batch_size))
+    feats = extract(extractor, (bar.update(len(xb)) or xb for xb in batches), to_cpu=False)
+    bar.close()
     if path is not None:
         host = {k: v.cpu() for k, v in feats.items()}   # one copy now: the thread never touches the device
         thread = threading.Thread(target=_write_cache, args=(path, host), name=f"genbench cache {key}")

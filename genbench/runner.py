@@ -233,10 +233,11 @@ def run_one(p: Plan, ds, card: Card, seed: int, rdir: Path, extractor: Extractor
     family = get_family(card.family)
     model = family(DataSpec(tuple(train_data.x.shape[1:]), train_data.num_classes), **card.params).to(p.device)
 
-    real_feats = (Reference.on(extractor.device, reference_features(extractor, ref, ev.n_real,
-                                                                   Path(opts.results_dir) / ".cache",
-                                                                   batch_size=ev.batch_size))
-                  if extractor else None)
+    real_feats = None
+    if extractor:
+        feats = reference_features(extractor, ref, ev.n_real, Path(opts.results_dir) / ".cache",
+                                   batch_size=ev.batch_size, progress=opts.progress)
+        real_feats = Reference.on(extractor.device, feats)
     n_real = (min(ev.n_real, len(ref)) if ev.n_real else len(ref))
     cheap_groups = tuple(g for g in ev.metrics if g in ("fid", "modes"))
 

@@ -196,3 +196,15 @@ def test_reference_cache_write_failure_is_one_warning_line(tmp_path, monkeypatch
     err = capsys.readouterr().err.strip().splitlines()
     assert len(feats[ext.spec.fid_layer]) == 60 and list(tmp_path.iterdir()) == []
     assert len(err) == 1 and err[0].startswith("genbench: warning: reference features not cached") and "No space" in err[0]
+
+
+def test_reference_extraction_shows_progress_only_when_asked(capsys):
+    """Inception on a CPU takes hours for 50,000 reference images: the run shows how far it is."""
+    from genbench.evaluate import reference_features
+
+    ext, data = _digits_reference()
+    reference_features(ext, data, 120, None, batch_size=50, progress=True)
+    err = capsys.readouterr().err
+    assert "reference features (digits test)" in err and "/120 " in err
+    reference_features(ext, data, 120, None, batch_size=50)
+    assert capsys.readouterr().err == ""
