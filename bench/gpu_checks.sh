@@ -14,7 +14,8 @@
 #   pip download --no-deps ... -d .whl torch-fidelity==0.4.0 diffusers importlib_metadata  (see the device README)
 #   mkdir -p .gpu-data/fashion && cp /usr/share/datasets/fashion-mnist/t10k-* .gpu-data/fashion/
 #   cp -r results/fashion/fashion/ddpm/seed0 .gpu-data/fashion-ddpm     # a finished fashion ddpm run
-# Run there:   bash bench/gpu_checks.sh          (carry .whl and .gpu-data; timeout 600 s)
+# Run there:   bash bench/gpu_checks.sh   (carry .whl and .gpu-data; a call timeout above the stages' limits: 500 s
+#              for the default STAGES)
 # Wiring check on a CPU, tiny sizes:   DEVICE=cpu SMALL=1 RUN=results/smoke/digits/ddpm/seed0 bash bench/gpu_checks.sh
 set -u
 OUT=${OUT:-gpu-out}

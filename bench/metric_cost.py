@@ -8,6 +8,8 @@ device's peak allocation). Rows:
   fid_first / fid_cached   reference statistics computed, then reused (genbench's `Reference`)
   fid_recomputed           both statistics from the features, as every call did before `Reference`
   isc, kid                 torch-fidelity's functions (KID is numpy: it runs on the host whatever the device)
+  fid_isc_kid_in_turn / _in_threads   the three groups as genbench computes them (one after the other),
+                           and each in its own thread: whether the host's cores are left idle
   prc_genbench             precision/recall with genbench's arguments (features on --device, blocks above
                            the memory budget; meta.prc_args says which mode it chose)
   prc_blocked              with --blocked-budget-gb: the blocked mode forced at that budget
@@ -30,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -146,6 +149,15 @@ def main():
     stage("fid_recomputed", lambda: fidelity_metrics(fake, real, spec, ["fid"]))   # a plain dict: no reuse
     stage("isc", lambda: fidelity_metrics(fake, ref, spec, ["isc"]))
     stage("kid", lambda: fidelity_metrics(fake, ref, spec, ["kid"]))
+    trio = ["fid", "isc", "kid"]
+    stage("fid_isc_kid_in_turn", lambda: fidelity_metrics(fake, ref, spec, trio))
+
+    def in_threads() -> dict:   # the three groups at once (numpy's BLAS and LAPACK release the GIL)
+        with ThreadPoolExecutor(len(trio)) as pool:
+            parts = list(pool.map(lambda group: fidelity_metrics(fake, ref, spec, [group]), trio))
+        return {k: v for part in parts for k, v in part.items()}
+
+    stage("fid_isc_kid_in_threads", in_threads)
     host = {"pool": real["pool"].cpu(), "logits": torch.randn(a.n_real, 1008, generator=g)}
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "reference.pt"
