@@ -12,6 +12,7 @@ import torch
 
 from genbench import data as gdata
 from genbench.config import Suite, suite_cards
+from genbench.errors import UserError
 from genbench.evaluate import balanced_labels
 from genbench.families import get_family
 from genbench.families.base import DataSpec
@@ -26,11 +27,22 @@ def data_spec(name: str, image_size: int | None, data_root=None) -> DataSpec:
     return d.spec
 
 
+def card_sampler(card, model, override: dict | None) -> dict:
+    """The card's sampler with the user's override (e.g. --steps) for the options its family has; a
+    value the family refuses (steps beyond T) is the user's mistake: one clear line, before any timing."""
+    sampler = {**card.sampler, **{k: v for k, v in (override or {}).items() if k in model.sampler_options}}
+    try:
+        model.nfe(**sampler)   # validates the sampler options (diffusion: steps within [1, T])
+    except ValueError as e:
+        raise UserError(f"card {card.name!r}: {e}") from None
+    return sampler
+
+
 def bench_card(card, spec: DataSpec, device: torch.device, batch_size: int, n_batches: int,
                fast: FastPath, sampler: dict | None = None, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     model = get_family(card.family)(spec, **card.params).to(device).eval()
-    sampler = {**card.sampler, **(sampler or {})}
+    sampler = card_sampler(card, model, sampler)
     prepare(model, device, fast)
     labels = balanced_labels(batch_size, spec.num_classes).to(device) if model.conditional else None
     rng = SeedRNG.for_run(seed, batch_size * (n_batches + 1), device=device)
@@ -58,9 +70,13 @@ def bench_card(card, spec: DataSpec, device: torch.device, batch_size: int, n_ba
 
 def bench_suite(suite: Suite, device: torch.device, batch_sizes: list[int], n_batches: int, fast: FastPath,
                 only: tuple[str, ...] = (), sampler: dict | None = None, data_root=None, log=print) -> list[dict]:
+    specs = {ds.name: data_spec(ds.name, ds.image_size, data_root) for ds in suite.datasets}
+    for ds in suite.datasets:   # every card's sampler checked before the first one is timed
+        for card in suite_cards(suite, only):
+            card_sampler(card, get_family(card.family)(specs[ds.name], **card.params), sampler)
     rows = []
     for ds in suite.datasets:
-        spec = data_spec(ds.name, ds.image_size, data_root)
+        spec = specs[ds.name]
         for card in suite_cards(suite, only):
             for bs in batch_sizes:
                 r = bench_card(card, spec, device, bs, n_batches, fast, sampler)

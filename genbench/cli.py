@@ -144,7 +144,8 @@ def summarize_cmd(results_dir, out):
 @click.option("--batch-sizes", default="64", show_default=True, help="Comma-separated sampling batch sizes.")
 @click.option("--batches", type=int, default=2, show_default=True, help="Timed batches per point (after warm-up).")
 @click.option("--only", default=None, help="Comma-separated card names.")
-@click.option("--steps", type=int, default=None, help="Override the sampler's steps (diffusion cards).")
+@click.option("--steps", type=int, default=None,
+              help="Override the sampler's steps (diffusion cards; the other families have no steps).")
 @click.option("--bf16/--no-bf16", default=True, show_default=True, help="bf16 autocast while sampling (CUDA).")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
               help="channels_last memory format (CUDA, image models).")
@@ -171,8 +172,10 @@ def bench_cmd(suite_name, device, batch_sizes, batches, only, steps, bf16, chann
         raise UserError(f"--batch-sizes: {batch_sizes!r} is not a comma-separated list of integers") from None
     if not sizes or min(sizes) < 1 or batches < 1:
         raise UserError("--batch-sizes and --batches must be positive")
+    if steps is not None and steps < 1:
+        raise UserError("--steps must be at least 1")
     rows = bench_suite(suite, dev, sizes, batches, FastPath(bf16, channels_last, compile_mode), _csv(only),
-                       {"steps": steps} if steps else None, log=lambda s: click.echo(s, err=True))
+                       {"steps": steps} if steps is not None else None, log=lambda s: click.echo(s, err=True))
     write_json(out, {"suite": suite.name, "rows": rows})
     click.echo(table(rows))
     click.echo(f"bench: {out}")
@@ -241,6 +244,8 @@ def evaluator_train_cmd(dataset, epochs, seed, data_root, out):
     """Train a domain classifier and write its weights; prints its test accuracy."""
     from genbench.evaluators.classifier import train_classifier
 
+    if epochs is not None and epochs < 1:
+        raise UserError("--epochs must be at least 1")
     epochs = epochs or {"digits": 30, "fashion": 6}[dataset]
     r = train_classifier(dataset, epochs=epochs, seed=seed, out=out, data_root=data_root)
     click.echo(json.dumps(r, indent=2))

@@ -103,6 +103,8 @@ def plan(suite: Suite, opts: RunOptions) -> Plan:
         raise UserError("--seeds must be at least 1")
     if opts.jobs is not None and opts.jobs < 1:
         raise UserError("--jobs must be at least 1")
+    if opts.budget_kimg is not None and not opts.budget_kimg > 0:   # `not >` also refuses nan
+        raise UserError(f"--budget-kimg must be positive, got {opts.budget_kimg}")
     extractors: dict[str, str | None] = {}
     for ds in suite.datasets:
         gdata.check_name(ds.name)

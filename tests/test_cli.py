@@ -118,3 +118,36 @@ def test_bad_jobs(tmp_path):
     p = tmp_path / "j.yaml"
     p.write_text(write_suite(tmp_path).read_text() + "jobs: two\n")
     assert_one_line_error(invoke("run", "--suite", p, "--dry-run"), "'jobs'", "whole number")
+
+
+def test_bad_budget(tmp_path):
+    for bad in ("0", "-1", "nan"):
+        assert_one_line_error(invoke("run", "--suite", write_suite(tmp_path), "--budget-kimg", bad, "--dry-run"),
+                              "--budget-kimg must be positive")
+
+
+def test_bench_times_every_card_and_steps_reach_only_diffusion(tmp_path):
+    out = tmp_path / "bench.json"
+    r = invoke("bench", "--suite", "smoke", "--device", "cpu", "--batch-sizes", "2", "--batches", "1",
+               "--steps", "3", "--out", out)
+    assert r.exit_code == 0, r.output
+    rows = {row["card"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"vae", "dcgan", "vqvae-pixelcnn", "ddpm"}
+    assert rows["ddpm"]["nfe"] == 3 and rows["ddpm"]["sampler"]["steps"] == 3
+    assert rows["dcgan"]["nfe"] == 1 and "steps" not in rows["dcgan"]["sampler"]
+    assert all(row["img_per_s"] > 0 for row in rows.values()) and "| digits | ddpm | 2 |" in r.output
+
+
+def test_bench_bad_input(tmp_path):
+    out = tmp_path / "bench.json"
+    base = ("bench", "--suite", "smoke", "--device", "cpu", "--batches", "1", "--out", out)
+    assert_one_line_error(invoke(*base, "--steps", "0"), "--steps must be at least 1")
+    assert_one_line_error(invoke(*base, "--steps", "5000"), "card 'ddpm'", "steps must be an integer in [1, T=")
+    assert_one_line_error(invoke(*base, "--batch-sizes", "x"), "--batch-sizes")
+    assert not out.exists()
+
+
+def test_evaluator_train_refuses_zero_epochs(tmp_path):
+    assert_one_line_error(invoke("evaluator", "train", "--dataset", "digits", "--epochs", "0",
+                                 "--out", tmp_path / "w.pt"), "--epochs must be at least 1")
+    assert not (tmp_path / "w.pt").exists()
