@@ -562,7 +562,7 @@ def build(results_dir: Path, out_dir: Path) -> Doc:
     counts = ", ".join(f"{n} {s}" for s, n in main["status"].value_counts().items()) or "none"
     doc.p(f"Results from `{results_dir}`, {len(main)} runs ({counts}); generated {stamp}.")
     if main.empty:
-        doc.p("No runs found: nothing under the results folder has a metrics.json. Run `genbench run SUITE` first.")
+        doc.p("No runs found: nothing under the results folder has a metrics.json. Run `genbench run --suite NAME` first.")
 
     doc.h(2, "Claims")
     claims_section(doc, df)
