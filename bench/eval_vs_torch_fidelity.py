@@ -230,29 +230,18 @@ def main():
     runs = [(f"genbench_{when}" + ("" if form == "plain" else f"_{form}"), form, when)
             for form in forms for when in ("cold", "warm")]
     aot_dir = a.aot_dir or work / "aot"
-    failed, timed_label = set(), None
-    for label, form, when in runs:
-        if form in failed:
-            continue
-        # cold: a new process's first evaluation (the extractor is built, and a compiled one compiles on
-        # its first batch; reference features are extracted and written to the cache); warm: the same
-        # process's next evaluation, as in a run (the extractor is kept, reference features are read back).
+
+    def time_row(form: str, when: str, ext):
+        """One evaluation, split into stages. cold: a new process's first evaluation (the extractor is built,
+        and a compiled one compiles on its first batch; reference features are extracted and written to the
+        cache); warm: the same process's next evaluation, as in a run (the extractor is kept, reference
+        features are read back)."""
         if when == "cold":
             shutil.rmtree(cache, ignore_errors=True)
         marks = [clock(dev)]
         if when == "cold":
-            try:
-                ext = (aot_extractor(dev, weights, a.batch, aot_dir) if form == "aot" else
-                       build_extractor("inception-v3-compat", dev, inception_weights=weights,
-                                       compile=form == "compiled"))
-            except Exception as e:   # the experiment failing must not cost the other forms' rows
-                if form != "aot":
-                    raise
-                failed.add(form)
-                rows[label] = {"failed": f"{type(e).__name__}: {e}"}
-                print(f"{label}: failed: {type(e).__name__}: {e}", flush=True)
-                write(rows)
-                continue
+            ext = (aot_extractor(dev, weights, a.batch, aot_dir) if form == "aot" else
+                   build_extractor("inception-v3-compat", dev, inception_weights=weights, compile=form == "compiled"))
         marks.append(clock(dev))
         real_feats = Reference.on(dev, reference_features(ext, real_data, None, cache, batch_size=a.batch))
         marks.append(clock(dev))
@@ -262,22 +251,40 @@ def main():
         marks.append(clock(dev))
         wait_for_cache_writes()   # end to end: the reference cache file (written by a thread) is on disk
         marks.append(clock(dev))
-        s = marks[-1] - marks[0]
         stages = dict(zip(("extractor", "reference", "extract_fake", "metrics", "cache_write_wait"),
                           (b - e for e, b in zip(marks, marks[1:]))))
         rel = {k: abs(ours[k] - ref[k]) / max(abs(ref[k]), 1e-12) for k in ref}
-        rows[label] = {"wall_s": s, **{k: ours[k] for k in ref}, "rel_diff_vs_torch_fidelity": rel,
-                       "stages_s": stages}
-        print(f"{label}: {s:.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in stages.items())}), "
-              f"rel. diff {rel}", flush=True)
+        row = {"wall_s": marks[-1] - marks[0], **{k: ours[k] for k in ref}, "rel_diff_vs_torch_fidelity": rel,
+               "stages_s": stages}
+        return row, (ext, real_feats, fake_feats)
+
+    failed, last, ext = set(), None, None
+    for label, form, when in runs:
+        if form in failed:
+            continue
+        try:
+            rows[label], used = time_row(form, when, ext)
+        except Exception as e:   # the experiment failing must not cost the other forms' rows
+            if form != "aot":
+                raise
+            failed.add(form)
+            rows[label] = {"failed": f"{type(e).__name__}: {e}"}
+            print(f"{label}: failed: {type(e).__name__}: {e}", flush=True)
+            write(rows)
+            continue
+        ext, last = used[0], (label, *used)
+        r = rows[label]
+        print(f"{label}: {r['wall_s']:.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in r['stages_s'].items())}), "
+              f"rel. diff {r['rel_diff_vs_torch_fidelity']}", flush=True)
         write(rows)
-        timed_label = label
-    for g in groups if timed_label else []:   # each metric group alone, on the last row's features
-        t = clock(dev)
-        fidelity_metrics(fake_feats, real_feats, ext.spec, [g], kid_subset_size=min(1000, a.n), seed=2020)
-        rows[timed_label]["stages_s"][f"metric_{g}"] = clock(dev) - t
-    print("metric groups alone:", {k: round(v, 2) for k, v in rows[timed_label]["stages_s"].items()
-                                   if k.startswith("metric_")} if timed_label else "no row", flush=True)
+    if last is not None:   # each metric group alone, on the last finished row's features
+        label, ext_last, real_feats, fake_feats = last
+        for g in groups:
+            t = clock(dev)
+            fidelity_metrics(fake_feats, real_feats, ext_last.spec, [g], kid_subset_size=min(1000, a.n), seed=2020)
+            rows[label]["stages_s"][f"metric_{g}"] = clock(dev) - t
+        print("metric groups alone:", {k: round(v, 2) for k, v in rows[label]["stages_s"].items()
+                                       if k.startswith("metric_")}, flush=True)
     write(rows)
     if a.profile_extractor:
         from sampling_vs_diffusers import profile_steps   # bench/ is on sys.path: it holds this script
