@@ -74,9 +74,14 @@ class Plan:
                 for seed in self.seeds:
                     yield ds, card, seed
 
+    @property
+    def budget_kimg(self) -> float:
+        return self.opts.budget_kimg if self.opts.budget_kimg is not None else self.suite.budget_kimg
+
     def describe(self) -> dict:
         return {"suite": to_dict(self.suite), "cards": [to_dict(c) for c in self.cards], "seeds": self.seeds,
-                "device": str(self.device), "extractors": self.extractors,
+                "device": str(self.device), "budget_kimg": self.budget_kimg,
+                "fast_path": self.opts.fast.describe(self.device), "extractors": self.extractors,
                 "results_dir": str(self.opts.results_dir), "jobs": effective_jobs(self),
                 "runs": [f"{ds.name}/{c.name}/seed{s}" for ds, c, s in self.runs()]}
 
@@ -227,7 +232,7 @@ def run_one(p: Plan, ds, card: Card, seed: int, rdir: Path, extractor: Extractor
     train_data = _load(ds, "train", opts)
     ref = _load(ds, ev.ref_split, opts)
     test = _load(ds, "test", opts)
-    budget = opts.budget_kimg if opts.budget_kimg is not None else suite.budget_kimg
+    budget = p.budget_kimg
     store.write_json(rdir / store.CONFIG_FILE, {
         "suite": to_dict(suite), "card": to_dict(card), "dataset": to_dict(ds), "seed": seed,
         "device": str(p.device), "budget_kimg": budget, "extractor": extractor.spec.name if extractor else None})

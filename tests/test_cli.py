@@ -38,6 +38,11 @@ def test_dry_run_prints_resolved_config(tmp_path):
     assert r.exit_code == 0, r.output
     cfg = json.loads(r.output)
     assert cfg["runs"] == ["digits/vae/seed0"] and cfg["cards"][0]["params"]["z_dim"] == 4
+    assert cfg["budget_kimg"] == cfg["suite"]["budget_kimg"] and cfg["fast_path"]["compile"] == "off"
+    r = invoke("run", "--suite", write_suite(tmp_path), "--dry-run", "--device", "cpu", "--budget-kimg", "0.25",
+               "--compile", "default", "--results-dir", tmp_path / "res")
+    cfg = json.loads(r.output)   # the overrides, not the suite's values, are what would run
+    assert cfg["budget_kimg"] == 0.25 != cfg["suite"]["budget_kimg"] and cfg["fast_path"]["compile"] == "default"
     assert not (tmp_path / "res").exists()
 
 
