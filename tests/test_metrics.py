@@ -154,7 +154,7 @@ def test_compiled_extractor_pads_partial_batches_to_one_shape():
         assert torch.allclose(full[k], plain(x[:8])[k], atol=1e-5)
 
 
-def _digits_reference(n=120):
+def _digits_reference():
     from genbench.data import load
     from genbench.evaluate import build_extractor
 
