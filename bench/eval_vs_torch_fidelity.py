@@ -179,6 +179,11 @@ def main():
         forms = [f for f in a.forms.split(",") if f]
         if not forms or set(forms) - {"plain", "compiled", "aot"}:
             raise UserError(f"--forms takes plain, compiled and/or aot, not {a.forms!r}")
+        if a.aot_dir is not None:
+            try:
+                a.aot_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"--aot-dir {a.aot_dir}: not a usable folder ({e.strerror})") from None
         dev = resolve_device(a.device)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
