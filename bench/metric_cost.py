@@ -1,5 +1,5 @@
-"""Cost of the metric stage alone: features -> FID / IS / KID / precision-recall, as genbench calls
-torch-fidelity's functions, beside torch-fidelity's default call for the same numbers.
+"""Cost of the metric stage alone: features -> FID / IS / KID / precision-recall as genbench computes them,
+beside torch-fidelity's own functions for the same numbers.
 
 No feature extractor runs: the features are seeded Gaussians of the Inception's shapes (2048-d pool
 features, 1008-d logits), so this runs on a CPU at CIFAR-10's 50,000 x 50,000 scale. For each stage it
@@ -7,7 +7,10 @@ reports wall seconds and the extra peak memory (host RSS above the stage's start
 device's peak allocation). Rows:
   fid_first / fid_cached   reference statistics computed, then reused (genbench's `Reference`)
   fid_recomputed           both statistics from the features, as every call did before `Reference`
-  isc, kid                 torch-fidelity's functions (KID is numpy: it runs on the host whatever the device)
+  fid_torch_fidelity       torch-fidelity's statistics + eigvals(S1 S2) on host numpy, both sets (what genbench
+                           computed before `device_metrics`: compare with fid_recomputed)
+  isc, kid                 genbench's (IS: torch-fidelity's function on --device; KID: its formula on --device)
+  kid_torch_fidelity       torch-fidelity's KID (numpy on the host whatever the device)
   fid_isc_kid_in_turn / _in_threads   the three groups as genbench computes them (one after the other),
                            and each in its own thread: whether the host's cores are left idle
   prc_genbench             precision/recall with genbench's arguments (features on --device, blocks above
@@ -118,6 +121,9 @@ def main():
                     help="also time precision/recall in blocked mode at this memory budget")
     ap.add_argument("--out", type=Path, default=Path("results/metric_cost.json"), help="JSON written at the end")
     a = ap.parse_args()
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
     from genbench import evaluators
     from genbench.errors import UserError
     from genbench.evaluate import Reference, fidelity_metrics, prc_full_peak_bytes, prc_memory_args
@@ -147,12 +153,16 @@ def main():
     stage("fid_first", lambda: fidelity_metrics(fake, ref, spec, ["fid"]))
     stage("fid_cached", lambda: fidelity_metrics(fake, ref, spec, ["fid"]))
     stage("fid_recomputed", lambda: fidelity_metrics(fake, real, spec, ["fid"]))   # a plain dict: no reuse
+    stage("fid_torch_fidelity", lambda: fid_statistics_to_metric(
+        fid_features_to_statistics(fake["pool"].cpu()), fid_features_to_statistics(real["pool"].cpu()), False))
     stage("isc", lambda: fidelity_metrics(fake, ref, spec, ["isc"]))
     stage("kid", lambda: fidelity_metrics(fake, ref, spec, ["kid"]))
+    stage("kid_torch_fidelity", lambda: kid_features_to_metric(fake["pool"], real["pool"], verbose=False,
+                                                               kid_subset_size=min(1000, a.n_fake, a.n_real)))
     trio = ["fid", "isc", "kid"]
     stage("fid_isc_kid_in_turn", lambda: fidelity_metrics(fake, ref, spec, trio))
 
-    def in_threads() -> dict:   # the three groups at once (numpy's BLAS and LAPACK release the GIL)
+    def in_threads() -> dict:   # the three groups at once (torch's and LAPACK's kernels release the GIL)
         with ThreadPoolExecutor(len(trio)) as pool:
             parts = list(pool.map(lambda group: fidelity_metrics(fake, ref, spec, [group]), trio))
         return {k: v for part in parts for k, v in part.items()}
@@ -185,7 +195,8 @@ def main():
     for k, r in rows.items():
         v = values[k]
         shown = ", ".join(f"{kk} {float(vv):.6g}" for kk, vv in v.items() if kk in
-                          ("fid", "frechet_inception_distance", "is_mean", "kid_mean", "precision", "recall"))
+                          ("fid", "frechet_inception_distance", "is_mean", "kid_mean",
+                                                          "kernel_inception_distance_mean", "precision", "recall"))
         print(f"| {k} | {r['wall_s']:.2f} | {r['host_extra_gb']:.2f} | {shown} |")
     return 0
 

@@ -1,12 +1,13 @@
-"""The evaluation harness: samples -> uint8 -> features -> torch-fidelity's metric functions.
+"""The evaluation harness: samples -> uint8 -> features -> FID, IS, KID, precision/recall.
 
 Samples stream from the sampler straight into the feature extractor (no image files); FID, IS,
 KID and precision/recall all come from that one feature pass. Reference features are cached on disk,
 keyed by dataset, split, image size, count and the extractor's weights hash (a thread writes the file
 while the caller goes on), and live on the extractor's device with their FID statistics computed once
-per run (`Reference`). The metric math
-is torch-fidelity's own (`*_features_to_metric`); genbench only feeds it, with arguments that keep
-precision/recall's distance matrices on the features' device and within a memory budget.
+per run (`Reference`). IS and precision/recall are torch-fidelity's own functions, fed arguments that keep
+the work on the features' device (and precision/recall's distance matrices within a memory budget); FID
+and KID are torch-fidelity's formulas computed on that device (`device_metrics`), checked against its
+functions in tests.
 """
 from __future__ import annotations
 
@@ -23,15 +24,16 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_fid import KEY_METRIC_FID
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
-from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
 from torch_fidelity.metric_prc import (KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION, KEY_METRIC_RECALL,
                                        prc_features_to_metric)
 from torch_fidelity.utils import create_feature_extractor
 
 from genbench import evaluators
 from genbench.data import Data, to_uint8
+from genbench.device_metrics import ReferenceStats, fid_statistics, frechet_distance, kid, reference_statistics
 from genbench.evaluators.classifier import file_sha256
 from genbench.fastpath import FastPath, autocast, tune_cudnn
 from genbench.families.base import Batch, GenerativeModel
@@ -146,31 +148,16 @@ def wait_for_cache_writes() -> None:
         _cache_writes.pop(next(iter(_cache_writes))).join()
 
 
-def fid_statistics(f: torch.Tensor) -> dict:
-    """Mean and covariance in float64, as torch-fidelity's fid_features_to_statistics (numpy's cov), but
-    on the features' own device: on a GPU this takes milliseconds instead of seconds for 50k x 2048."""
-    if f.device.type == "cpu":
-        return fid_features_to_statistics(f)
-    return torch_fid_statistics(f)
-
-
-def torch_fid_statistics(f: torch.Tensor) -> dict:
-    x = f.double()
-    mu = x.mean(0)
-    xc = x - mu
-    sigma = xc.T @ xc / (len(x) - 1)
-    return {"mu": mu.float().cpu().numpy(), "sigma": sigma.cpu().numpy()}
-
-
 @dataclass
 class Reference:
-    """Reference features on one device, with the FID statistics of each layer computed once.
+    """Reference features on one device, with the FID statistics of each layer (mean, covariance and the
+    covariance's square root) computed once.
 
     An evaluation point used to recompute the reference mean and covariance from its features every
     time: 5 s of the 16 s FID stage for 50,000 x 2048 features on the 2-core CPU
     (bench/results/cpu-metric-cost-50k.json); a run scores many points."""
     feats: dict[str, torch.Tensor]
-    _fid_stats: dict[str, dict] = field(default_factory=dict, repr=False)
+    _fid_stats: dict[str, ReferenceStats] = field(default_factory=dict, repr=False)
 
     @classmethod
     def on(cls, device: torch.device, feats: dict[str, torch.Tensor]) -> "Reference":
@@ -179,9 +166,9 @@ class Reference:
     def __getitem__(self, layer: str) -> torch.Tensor:
         return self.feats[layer]
 
-    def fid_stats(self, layer: str) -> dict:
+    def fid_stats(self, layer: str) -> ReferenceStats:
         if layer not in self._fid_stats:
-            self._fid_stats[layer] = fid_statistics(self.feats[layer])
+            self._fid_stats[layer] = reference_statistics(self.feats[layer])
         return self._fid_stats[layer]
 
 
@@ -217,19 +204,21 @@ def prc_memory_args(n_fake: int, n_real: int, budget: int | None = None) -> dict
 
 def fidelity_metrics(fake: dict[str, torch.Tensor], real: dict[str, torch.Tensor] | Reference, spec, groups,
                      kid_subset_size: int = 1000, seed: int = 2020) -> dict[str, float]:
-    """FID / IS / KID / precision-recall from features, with torch-fidelity's own functions.
+    """FID / IS / KID / precision-recall from features, all on the fake features' device: IS and
+    precision/recall with torch-fidelity's own functions, FID and KID with its formulas in torch
+    (`device_metrics`: torch-fidelity's are host numpy).
 
     Pass a `Reference` to reuse its FID statistics across calls; a plain dict is scored from scratch."""
     out: dict = {}
     ref = real if isinstance(real, Reference) else Reference(real)
     ff, fr = fake[spec.fid_layer], ref[spec.fid_layer]
     if "fid" in groups:
-        out.update(fid_statistics_to_metric(fid_statistics(ff), ref.fid_stats(spec.fid_layer), verbose=False))
+        out[KEY_METRIC_FID] = frechet_distance(fid_statistics(ff), ref.fid_stats(spec.fid_layer))
     if "isc" in groups:
-        out.update(isc_features_to_metric(fake[spec.isc_layer].cpu(), splits=10, rng_seed=seed))
-    if "kid" in groups:   # torch-fidelity's KID is numpy: it moves the features to the CPU itself
+        out.update(isc_features_to_metric(fake[spec.isc_layer], splits=10, rng_seed=seed))
+    if "kid" in groups:
         subset = min(kid_subset_size, len(ff), len(fr))
-        out.update(kid_features_to_metric(ff, fr, kid_subset_size=subset, verbose=False, rng_seed=seed))
+        out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD] = kid(ff, fr, subset, seed)
     if "prc" in groups:   # distances on the fake features' device (a GPU when there is one)
         out.update(prc_features_to_metric(ff, fr.to(ff.device), verbose=False,
                                           **prc_memory_args(len(ff), len(fr))))

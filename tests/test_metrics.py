@@ -84,17 +84,73 @@ def test_missing_inception_weights_is_one_clear_error(tmp_path):
 
 
 def test_device_fid_statistics_match_torch_fidelity():
-    """The on-GPU statistics path (exercised here on the CPU) equals numpy's cov to float64 rounding."""
+    """The device statistics equal numpy's cov (torch-fidelity's) to float64 rounding."""
     from torch_fidelity.metric_fid import fid_features_to_statistics
 
-    from genbench.evaluate import torch_fid_statistics
+    from genbench.device_metrics import fid_statistics
 
     f = _gaussian(3000, torch.zeros(16, dtype=torch.float64), torch.linspace(0.1, 3, 16, dtype=torch.float64),
                   3).float()
-    ours, theirs = torch_fid_statistics(f), fid_features_to_statistics(f)
-    assert ours["mu"].dtype == theirs["mu"].dtype and ours["sigma"].dtype == theirs["sigma"].dtype
-    np.testing.assert_allclose(ours["mu"], theirs["mu"], atol=1e-6)   # numpy sums in float32, we in float64
-    np.testing.assert_allclose(ours["sigma"], theirs["sigma"], rtol=1e-9, atol=1e-12)
+    ours, theirs = fid_statistics(f), fid_features_to_statistics(f)
+    f64 = f.double()
+    fid_statistics(f64)
+    assert torch.equal(f64, f.double())     # centring happens in a copy, even of float64 features
+    np.testing.assert_allclose(ours.mu.numpy(), theirs["mu"], atol=1e-6)   # numpy sums in float32, we in float64
+    np.testing.assert_allclose(ours.sigma.numpy(), theirs["sigma"], rtol=1e-9, atol=1e-12)
+
+
+def _correlated(n, d, seed, shift=0.0):
+    """Features with a full, non-diagonal covariance (and all-positive like pooled activations)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g, dtype=torch.float64) / d ** 0.5
+    return ((torch.randn(n, d, generator=g, dtype=torch.float64) @ mix).abs() + shift).float()
+
+
+@pytest.mark.parametrize("n_fake,n_real,d", [(4000, 3000, 32), (300, 200, 256)])   # second: rank-deficient
+def test_fid_equals_torch_fidelity_eigenvalue_formula(n_fake, n_real, d):
+    """eigvalsh(R S1 R) with R = sqrt(S2) gives the float64 Frechet distance (scipy's sqrtm) to 1e-8,
+    full rank or not, and torch-fidelity's eigvals(S1 S2) FID to its float32 mean's 1e-6."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    from genbench.device_metrics import fid_statistics, frechet_distance, reference_statistics
+
+    for shift in (0.0, 0.3):
+        a, b = _correlated(n_fake, d, 1, shift), _correlated(n_real, d, 2)
+        theirs = fid_statistics_to_metric(fid_features_to_statistics(a), fid_features_to_statistics(b),
+                                          verbose=False)["frechet_inception_distance"]
+        c1, c2 = np.cov(a.double().numpy(), rowvar=False), np.cov(b.double().numpy(), rowvar=False)
+        m = (a.double().mean(0) - b.double().mean(0)).numpy()
+        exact = m @ m + np.trace(c1 + c2 - 2 * linalg.sqrtm(c1 @ c2).real)
+        ours = frechet_distance(fid_statistics(a), reference_statistics(b))
+        assert ours == pytest.approx(exact, rel=1e-8)
+        assert ours == pytest.approx(theirs, rel=1e-5)
+
+
+def test_kid_equals_torch_fidelity_on_the_same_subsets():
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    from genbench.device_metrics import kid
+
+    a, b = _correlated(1500, 64, 3, 0.05), _correlated(1200, 64, 4)
+    for seed, subset in ((2020, 500), (7, 1000)):
+        theirs = kid_features_to_metric(a, b, kid_subset_size=subset, rng_seed=seed, verbose=False)
+        mean, std = kid(a, b, subset, seed)
+        assert mean == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-5)
+        assert std == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-4)
+    assert kid(a, b, 500, 1) != kid(a, b, 500, 2)    # the seed picks the subsets
+
+
+def test_kid_runs_in_full_fp32_and_restores_the_matmul_precision():
+    from genbench.device_metrics import kid
+
+    a = _correlated(300, 16, 5)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        kid(a, a, 100, 0)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_precision_recall_blocked_mode_equals_full_mode(monkeypatch):
@@ -125,8 +181,9 @@ def test_reference_fid_statistics_computed_once_and_same_numbers(monkeypatch):
     plain = fidelity_metrics({"f": a}, {"f": b}, SPEC, ["fid", "kid", "prc"], kid_subset_size=300)
     ref = Reference.on(torch.device("cpu"), {"f": b})
     calls = []
-    original = evaluate.fid_statistics
-    monkeypatch.setattr(evaluate, "fid_statistics", lambda f: calls.append(len(f)) or original(f))
+    for name in ("fid_statistics", "reference_statistics"):
+        original = getattr(evaluate, name)
+        monkeypatch.setattr(evaluate, name, lambda f, original=original: calls.append(len(f)) or original(f))
     first = fidelity_metrics({"f": a}, ref, SPEC, ["fid", "kid", "prc"], kid_subset_size=300)
     second = fidelity_metrics({"f": a[:400]}, ref, SPEC, ["fid"])
     assert first == plain
