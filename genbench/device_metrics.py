@@ -91,12 +91,16 @@ def kid(fake: torch.Tensor, real: torch.Tensor, subset_size: int, seed: int,
     real = real.to(fake.device)
     rng = np.random.RandomState(seed)
     m = subset_size
+    # The same draws in the same order as torch-fidelity (fake subset, then real subset), all drawn before
+    # the loop and copied in one go: a copy inside the loop would make the host wait for the device's
+    # previous subset each time, and each draw (a permutation of n) costs the host about 1.3 ms at 50,000.
+    idx = torch.from_numpy(np.stack([np.stack([rng.choice(len(fake), m, replace=False),
+                                               rng.choice(len(real), m, replace=False)])
+                                     for _ in range(subsets)])).to(fake.device)   # [subsets, 2, m]
     mmds = torch.empty(subsets, dtype=torch.float64, device=fake.device)
     with _full_fp32_matmul():
         for i in range(subsets):
-            # the same draws in the same order as torch-fidelity: fake subset, then real subset
-            x = fake[torch.from_numpy(rng.choice(len(fake), m, replace=False)).to(fake.device)]
-            y = real[torch.from_numpy(rng.choice(len(real), m, replace=False)).to(fake.device)]
+            x, y = fake[idx[i, 0]], real[idx[i, 1]]
             k_xx, k_yy, k_xy = _poly_kernel(x, x), _poly_kernel(y, y), _poly_kernel(x, y)
             off_diag = (k_xx.sum(dtype=torch.float64) - k_xx.diagonal().sum(dtype=torch.float64)
                         + k_yy.sum(dtype=torch.float64) - k_yy.diagonal().sum(dtype=torch.float64))
