@@ -47,6 +47,7 @@ class RunOptions:
     budget_kimg: float | None = None  # overrides the suite's budget (quick looks, tests)
     jobs: int | None = None           # runs at once in worker processes; None: the suite's `jobs`
     fast: FastPath = FastPath()       # sampling fast path (bf16, channels_last on CUDA; compile opt-in)
+    train_bf16: bool = True           # bf16 autocast in the training steps (CUDA only)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,9 +79,14 @@ class Plan:
     def budget_kimg(self) -> float:
         return self.opts.budget_kimg if self.opts.budget_kimg is not None else self.suite.budget_kimg
 
+    @property
+    def train_bf16(self) -> bool:
+        """Whether training autocasts to bf16: asked for (the default) and on CUDA."""
+        return self.opts.train_bf16 and self.device.type == "cuda"
+
     def describe(self) -> dict:
         return {"suite": to_dict(self.suite), "cards": [to_dict(c) for c in self.cards], "seeds": self.seeds,
-                "device": str(self.device), "budget_kimg": self.budget_kimg,
+                "device": str(self.device), "budget_kimg": self.budget_kimg, "train_bf16": self.train_bf16,
                 "fast_path": self.opts.fast.describe(self.device), "extractors": self.extractors,
                 "results_dir": str(self.opts.results_dir), "jobs": effective_jobs(self),
                 "runs": [f"{ds.name}/{c.name}/seed{s}" for ds, c, s in self.runs()]}
@@ -256,13 +262,13 @@ def run_one(p: Plan, ds, card: Card, seed: int, rdir: Path, extractor: Extractor
 
     result = train(model, train_data, budget_kimg=budget, batch_size=card.batch_size, seed=seed, run_dir=rdir,
                    ema_decay=card.ema, cheap_eval=cheap_eval if ev.every_kimg else None,
-                   every_kimg=ev.every_kimg, progress=opts.progress)
+                   every_kimg=ev.every_kimg, progress=opts.progress, bf16=p.train_bf16)
     st = result.state
     store.write_csv(rdir / store.TRAIN_LOG_FILE, st.log or [{"kimg": 0}])
     store.write_csv(rdir / store.CURVES_FILE, st.curves or [{"kimg": st.kimg}])
     training = {"kimg": round(st.kimg, 4), "wall_s": round(st.wall_s, 2), "steps": st.steps,
                 "diverged_at_kimg": st.diverged_at_kimg, "diverged_reason": st.diverged_reason,
-                "budget_kimg": budget, "batch_size": card.batch_size, "ema": card.ema}
+                "budget_kimg": budget, "batch_size": card.batch_size, "ema": card.ema, "bf16": p.train_bf16}
     prov = provenance(extractor, n_real=n_real if extractor else None, n_fake=ev.n_fake, ref_split=ev.ref_split,
                       image_size=list(train_data.x.shape[1:]), device=p.device, seed=seed)
     record = {"status": "diverged" if result.diverged else "complete", "suite": suite.name,

@@ -89,14 +89,15 @@ def _save_checkpoint(path: Path, model, ema, opts, state: TrainState, gen: torch
 def train(model: GenerativeModel, data: Data, *, budget_kimg: float, batch_size: int, seed: int,
           run_dir: Path | None = None, ema_decay: float | None = None, checkpoint_every_s: float = 60.0,
           cheap_eval: Callable[[GenerativeModel, float], dict] | None = None,
-          every_kimg: float | None = None, progress: bool = True,
+          every_kimg: float | None = None, progress: bool = True, bf16: bool = True,
           inject_nan_at_step: int | None = None) -> TrainResult:
     """Train `model` on `data` for `budget_kimg`; resume from run_dir/checkpoint.pt when present.
 
+    `bf16`: autocast the training steps to bf16 on CUDA (never on a CPU, where it is slow).
     `inject_nan_at_step` replaces one step's logs with NaN: the divergence path, testable on CPU.
     """
     device = model.device
-    use_bf16 = device.type == "cuda"
+    use_bf16 = bf16 and device.type == "cuda"
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     ema = copy.deepcopy(model).requires_grad_(False) if ema_decay else None

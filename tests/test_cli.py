@@ -46,6 +46,21 @@ def test_dry_run_prints_resolved_config(tmp_path):
     assert not (tmp_path / "res").exists()
 
 
+def test_train_bf16_is_on_by_default_on_cuda_and_switchable(tmp_path, monkeypatch):
+    """--no-train-bf16 reaches the plan; on a CPU training never autocasts (planned on a pretend CUDA
+    device: a dry run builds nothing on it)."""
+    from genbench import runner
+
+    def dry(*flags, device="cpu"):
+        monkeypatch.setattr(runner, "resolve_device", lambda name: torch.device(device))
+        r = invoke("run", "--suite", write_suite(tmp_path), "--dry-run", *flags)
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output)["train_bf16"]
+
+    assert dry(device="cuda") is True and dry("--no-train-bf16", device="cuda") is False
+    assert dry() is False and dry("--train-bf16") is False
+
+
 def test_run_then_rerun_skips(tmp_path):
     suite = write_suite(tmp_path, every_kimg=0.1)
     res = tmp_path / "res"

@@ -32,6 +32,17 @@ def test_forced_nan_is_recorded_diverged_and_suite_goes_on(tmp_path, monkeypatch
     assert runner.run_suite(p, log=lambda s: None)["skipped"] == 2
 
 
+def test_training_precision_reaches_train_and_is_recorded(tmp_path, monkeypatch):
+    real_train, seen = train_mod.train, []
+    monkeypatch.setattr(runner, "train",
+                        lambda model, data, **kw: seen.append(kw["bf16"]) or real_train(model, data, **kw))
+    suite = load_suite(str(write_suite(tmp_path)))
+    p = runner.plan(suite, runner.RunOptions(results_dir=tmp_path / "r", device="cpu", progress=False))
+    assert runner.run_suite(p, log=lambda s: None)["complete"] == 1
+    m = json.loads((store.run_dir(tmp_path / "r", "tiny", "digits", "vae", 0) / "metrics.json").read_text())
+    assert seen == [False] and m["training"]["bf16"] is False      # a CPU run never autocasts training
+
+
 def test_resume_continues_from_checkpoint(tmp_path):
     data = load("digits", "train")
     vae = get_family("vae")
