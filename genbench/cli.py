@@ -58,6 +58,11 @@ def main():
 @click.option("--bf16/--no-bf16", default=True, show_default=True, help="bf16 autocast while sampling (CUDA only).")
 @click.option("--train-bf16/--no-train-bf16", default=True, show_default=True,
               help="bf16 autocast in the training steps (CUDA only); --no-train-bf16 trains in fp32.")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+              help="channels_last memory format for sampling (CUDA, image models).")
+@click.option("--feature-cache/--no-feature-cache", default=True, show_default=True,
+              help="Reuse reference features cached under RESULTS_DIR/.cache; --no-feature-cache extracts "
+                   "them again and writes no cache.")
 @click.option("--compile", "compile_mode", default="off", show_default=True,
               type=click.Choice(COMPILE_MODES),
               help="torch.compile the networks for sampling, in this mode, and the feature extractor "
@@ -68,7 +73,7 @@ def main():
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @user_errors
 def run_cmd(suite_name, results_dir, data_root, device, seeds, only, inception_weights, extractor, budget_kimg,
-            download, dry_run, bf16, train_bf16, compile_mode, jobs, no_progress):
+            download, dry_run, bf16, train_bf16, channels_last, feature_cache, compile_mode, jobs, no_progress):
     """Train, sample and evaluate every card of a suite; finished runs are skipped."""
     from genbench.config import load_suite
     from genbench.fastpath import FastPath
@@ -78,7 +83,8 @@ def run_cmd(suite_name, results_dir, data_root, device, seeds, only, inception_w
     opts = RunOptions(results_dir=results_dir, data_root=data_root, device=device, seeds=seeds, only=_csv(only),
                       inception_weights=inception_weights, download=download, extractor=extractor,
                       progress=not no_progress and not os.environ.get("CI"), budget_kimg=budget_kimg,
-                      fast=FastPath(bf16=bf16, compile=compile_mode), train_bf16=train_bf16, jobs=jobs)
+                      fast=FastPath(bf16=bf16, channels_last=channels_last, compile=compile_mode),
+                      train_bf16=train_bf16, feature_cache=feature_cache, jobs=jobs)
     p = plan(suite, opts)
     if dry_run:
         click.echo(json.dumps(p.describe(), indent=2))

@@ -48,6 +48,7 @@ class RunOptions:
     jobs: int | None = None           # runs at once in worker processes; None: the suite's `jobs`
     fast: FastPath = FastPath()       # sampling fast path (bf16, channels_last on CUDA; compile opt-in)
     train_bf16: bool = True           # bf16 autocast in the training steps (CUDA only)
+    feature_cache: bool = True        # reference features cached under results_dir/.cache
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,6 +81,10 @@ class Plan:
         return self.opts.budget_kimg if self.opts.budget_kimg is not None else self.suite.budget_kimg
 
     @property
+    def feature_cache_dir(self) -> Path | None:
+        return Path(self.opts.results_dir) / ".cache" if self.opts.feature_cache else None
+
+    @property
     def train_bf16(self) -> bool:
         """Whether training autocasts to bf16: asked for (the default) and on CUDA."""
         return self.opts.train_bf16 and self.device.type == "cuda"
@@ -87,6 +92,7 @@ class Plan:
     def describe(self) -> dict:
         return {"suite": to_dict(self.suite), "cards": [to_dict(c) for c in self.cards], "seeds": self.seeds,
                 "device": str(self.device), "budget_kimg": self.budget_kimg, "train_bf16": self.train_bf16,
+                "feature_cache": str(self.feature_cache_dir) if self.feature_cache_dir else None,
                 "fast_path": self.opts.fast.describe(self.device), "extractors": self.extractors,
                 "results_dir": str(self.opts.results_dir), "jobs": effective_jobs(self),
                 "runs": [f"{ds.name}/{c.name}/seed{s}" for ds, c, s in self.runs()]}
@@ -248,7 +254,7 @@ def run_one(p: Plan, ds, card: Card, seed: int, rdir: Path, extractor: Extractor
 
     real_feats = None
     if extractor:
-        feats = reference_features(extractor, ref, ev.n_real, Path(opts.results_dir) / ".cache",
+        feats = reference_features(extractor, ref, ev.n_real, p.feature_cache_dir,
                                    batch_size=ev.batch_size, progress=opts.progress)
         real_feats = Reference.on(extractor.device, feats)
     n_real = (min(ev.n_real, len(ref)) if ev.n_real else len(ref))

@@ -61,6 +61,28 @@ def test_train_bf16_is_on_by_default_on_cuda_and_switchable(tmp_path, monkeypatc
     assert dry() is False and dry("--train-bf16") is False
 
 
+def test_channels_last_and_feature_cache_are_switchable(tmp_path, monkeypatch):
+    from genbench import runner
+
+    monkeypatch.setattr(runner, "resolve_device", lambda name: torch.device("cuda"))   # a dry run only plans
+    on = json.loads(invoke("run", "--suite", write_suite(tmp_path), "--dry-run", "--results-dir", tmp_path).output)
+    off = json.loads(invoke("run", "--suite", write_suite(tmp_path), "--dry-run", "--no-channels-last",
+                            "--no-feature-cache").output)
+    assert on["fast_path"]["channels_last"] is True and on["feature_cache"] == str(tmp_path / ".cache")
+    assert off["fast_path"]["channels_last"] is False and off["feature_cache"] is None
+
+
+def test_no_feature_cache_writes_no_cache(tmp_path):
+    from genbench.evaluate import wait_for_cache_writes
+
+    for flag, cached in (("--no-feature-cache", False), ("--feature-cache", True)):
+        res = tmp_path / flag
+        r = invoke("run", "--suite", write_suite(tmp_path), "--results-dir", res, "--device", "cpu", flag)
+        assert r.exit_code == 0, r.output
+        wait_for_cache_writes()     # the cache file is written by a thread
+        assert len(list(res.glob(".cache/*.pt"))) == int(cached)
+
+
 def test_run_then_rerun_skips(tmp_path):
     suite = write_suite(tmp_path, every_kimg=0.1)
     res = tmp_path / "res"
