@@ -13,16 +13,16 @@ device's peak allocation). Rows:
   kid_torch_fidelity       torch-fidelity's KID (numpy on the host whatever the device)
   fid_isc_kid_in_turn / _in_threads   the three groups as genbench computes them (one after the other),
                            and each in its own thread: whether the host's cores are left idle
-  prc_genbench             precision/recall with genbench's arguments (features on --device, blocks above
-                           the memory budget; meta.prc_args says which mode it chose)
-  prc_blocked              with --blocked-budget-gb: the blocked mode forced at that budget
+  prc_genbench             genbench's precision/recall (torch-fidelity's distance blocks, reduced on --device)
+  prc_torch_fidelity_blocked  with --tf-blocked: torch-fidelity's blocked mode (save_cpu_ram, its default
+                           blocks; every block copied to the host, the fake-real distances computed twice)
   prc_torch_fidelity       torch-fidelity's default (full distance matrices on the host, peak about four
                            n x n float32 matrices); skipped with --skip-full or above --max-full-gb
   cache_write / cache_read the reference-cache file of n-real Inception features (pool + logits) written
                            as genbench writes it (temp file, fsync, rename; a background thread in a run)
                            and read back to --device
 
-    python bench/metric_cost.py --n-fake 10000 --n-real 10000 --blocked-budget-gb 1 \
+    python bench/metric_cost.py --n-fake 10000 --n-real 10000 --tf-blocked \
         --out bench/results/cpu-metric-cost-10k.json
     python bench/metric_cost.py --n-fake 50000 --n-real 50000 --device cuda --out results/metric_cost.json
 """
@@ -88,22 +88,26 @@ def timed(dev: torch.device, fn):
     return out, row
 
 
-def prc_rows(a, stage, fake, real, ref, spec, full_gb) -> None:
+def tf_full_prc_peak_bytes(n_fake: int, n_real: int) -> int:
+    """torch-fidelity's full-matrix precision/recall peaked at about four n x n float32 matrices on the host
+    (+1.60 GB at 10,000 x 10,000, bench/results/cpu-metric-cost-10k.json): about 40 GB at 50,000."""
+    return 4 * 4 * max(n_fake, n_real) ** 2
+
+
+def prc_rows(a, stage, fake, real, ref, spec) -> None:
     from torch_fidelity.metric_prc import prc_features_to_metric
 
-    from genbench.evaluate import fidelity_metrics, prc_memory_args
+    from genbench.evaluate import fidelity_metrics
 
     stage("prc_genbench", lambda: fidelity_metrics(fake, ref, spec, ["prc"]))
-    if a.blocked_budget_gb is not None:
-        blocked = prc_memory_args(a.n_fake, a.n_real, budget=int(a.blocked_budget_gb * 2 ** 30))
-        if blocked["save_cpu_ram"]:
-            stage("prc_blocked", lambda: prc_features_to_metric(fake["pool"], real["pool"], verbose=False, **blocked))
-        else:
-            print("prc_blocked: skipped (the full matrices fit that budget)", flush=True)
+    if a.tf_blocked:
+        stage("prc_torch_fidelity_blocked", lambda: prc_features_to_metric(fake["pool"], real["pool"],
+                                                                           save_cpu_ram=True, verbose=False))
+    full_gb = tf_full_prc_peak_bytes(a.n_fake, a.n_real) / 1e9
     if a.skip_full or full_gb > a.max_full_gb:
         print(f"prc_torch_fidelity: skipped (estimated peak {full_gb:.1f} GB)", flush=True)
     else:
-        stage("prc_torch_fidelity", lambda: prc_features_to_metric(fake["pool"].cpu(), real["pool"].cpu(),
+        stage("prc_torch_fidelity", lambda: prc_features_to_metric(fake["pool"], real["pool"], save_cpu_ram=False,
                                                                    verbose=False))
 
 
@@ -117,8 +121,8 @@ def main():
     ap.add_argument("--skip-prc", action="store_true", help="skip every precision/recall row")
     ap.add_argument("--max-full-gb", type=float, default=8.0,
                     help="skip the full-matrix precision/recall when its estimated peak exceeds this")
-    ap.add_argument("--blocked-budget-gb", type=float, default=None,
-                    help="also time precision/recall in blocked mode at this memory budget")
+    ap.add_argument("--tf-blocked", action="store_true",
+                    help="also time torch-fidelity's blocked precision/recall (save_cpu_ram, its default blocks)")
     ap.add_argument("--out", type=Path, default=Path("results/metric_cost.json"), help="JSON written at the end")
     a = ap.parse_args()
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
@@ -126,7 +130,7 @@ def main():
 
     from genbench import evaluators
     from genbench.errors import UserError
-    from genbench.evaluate import Reference, fidelity_metrics, prc_full_peak_bytes, prc_memory_args
+    from genbench.evaluate import Reference, fidelity_metrics
     from genbench.runner import resolve_device
     from genbench.store import atomic_torch_save
 
@@ -178,14 +182,13 @@ def main():
 
         stage("cache_write", lambda: atomic_torch_save(cache, host) or {})
         stage("cache_read", read_back)
-    full_gb = prc_full_peak_bytes(a.n_fake, a.n_real) / 1e9
     if a.skip_prc:
         print("prc: skipped (--skip-prc)", flush=True)
     else:
-        prc_rows(a, stage, fake, real, ref, spec, full_gb)
+        prc_rows(a, stage, fake, real, ref, spec)
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
             "threads": torch.get_num_threads(), "n_fake": a.n_fake, "n_real": a.n_real, "dim": a.dim,
-            "prc_args": prc_memory_args(a.n_fake, a.n_real), "prc_full_peak_estimate_gb": full_gb,
+            "prc_tf_full_peak_estimate_gb": tf_full_prc_peak_bytes(a.n_fake, a.n_real) / 1e9,
             "torch": torch.__version__}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"meta": meta, "rows": rows, "values": values}, indent=2, default=float))

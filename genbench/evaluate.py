@@ -4,15 +4,13 @@ Samples stream from the sampler straight into the feature extractor (no image fi
 KID and precision/recall all come from that one feature pass. Reference features are cached on disk,
 keyed by dataset, split, image size, count and the extractor's weights hash (a thread writes the file
 while the caller goes on), and live on the extractor's device with their FID statistics computed once
-per run (`Reference`). IS and precision/recall are torch-fidelity's own functions, fed arguments that keep
-the work on the features' device (and precision/recall's distance matrices within a memory budget); FID
-and KID are torch-fidelity's formulas computed on that device (`device_metrics`), checked against its
-functions in tests.
+per run (`Reference`). IS is torch-fidelity's own function, given the features on their device; FID, KID
+and precision/recall are torch-fidelity's formulas computed on that device (`device_metrics`; its own are
+host numpy or copy every distance block to the host), checked against its functions in tests.
 """
 from __future__ import annotations
 
 import math
-import os
 import platform
 import sys
 import threading
@@ -27,13 +25,13 @@ from tqdm import tqdm
 from torch_fidelity.metric_fid import KEY_METRIC_FID
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD
-from torch_fidelity.metric_prc import (KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION, KEY_METRIC_RECALL,
-                                       prc_features_to_metric)
+from torch_fidelity.metric_prc import KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION, KEY_METRIC_RECALL
 from torch_fidelity.utils import create_feature_extractor
 
 from genbench import evaluators
 from genbench.data import Data, to_uint8
-from genbench.device_metrics import ReferenceStats, fid_statistics, frechet_distance, kid, reference_statistics
+from genbench.device_metrics import (ReferenceStats, fid_statistics, frechet_distance, kid, precision_recall,
+                                     reference_statistics)
 from genbench.evaluators.classifier import file_sha256
 from genbench.fastpath import FastPath, autocast, tune_cudnn
 from genbench.families.base import Batch, GenerativeModel
@@ -172,41 +170,10 @@ class Reference:
         return self._fid_stats[layer]
 
 
-def _quarter_of_ram() -> int:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
-    except (ValueError, OSError, AttributeError):   # no sysconf (Windows): a conservative 1 GiB
-        return 1 << 30
-
-
-# torch-fidelity's default precision/recall builds full n x n distance matrices on the host; its peak was
-# about four such float32 matrices (+1.60 GB at 10,000 x 10,000, bench/results/cpu-metric-cost-10k.json),
-# so about 40 GB at 50,000 x 50,000, more than a 24 GB machine has. Above this budget genbench asks for
-# its blocked mode (save_cpu_ram), whose peak was about five blocks (4.5-4.8 measured), so a block is a
-# fifth of the budget. Below it the full mode stays: on 10,000 x 10,000 x 2048 it took 18-20 s against
-# the blocked mode's 22.5 s at a 1 GiB budget (+1.04 GB), which computes the real-fake distances twice.
-PRC_MEMORY_BYTES = _quarter_of_ram()
-
-
-def prc_full_peak_bytes(n_fake: int, n_real: int) -> int:
-    """Estimated peak of torch-fidelity's full-matrix precision/recall: four n x n float32 matrices."""
-    n = max(n_fake, n_real)
-    return 4 * (4 * n * n)
-
-
-def prc_memory_args(n_fake: int, n_real: int, budget: int | None = None) -> dict:
-    """torch-fidelity arguments for precision/recall: full matrices when they fit the budget, else blocks."""
-    budget = PRC_MEMORY_BYTES if budget is None else budget
-    if prc_full_peak_bytes(n_fake, n_real) <= budget:
-        return {"save_cpu_ram": False}
-    return {"save_cpu_ram": True, "prc_batch_size": max(1, budget // (5 * 4 * max(n_fake, n_real)))}
-
-
 def fidelity_metrics(fake: dict[str, torch.Tensor], real: dict[str, torch.Tensor] | Reference, spec, groups,
                      kid_subset_size: int = 1000, seed: int = 2020) -> dict[str, float]:
-    """FID / IS / KID / precision-recall from features, all on the fake features' device: IS and
-    precision/recall with torch-fidelity's own functions, FID and KID with its formulas in torch
-    (`device_metrics`: torch-fidelity's are host numpy).
+    """FID / IS / KID / precision-recall from features, all on the fake features' device: IS with
+    torch-fidelity's own function, the others with its formulas in torch (`device_metrics`).
 
     Pass a `Reference` to reuse its FID statistics across calls; a plain dict is scored from scratch."""
     out: dict = {}
@@ -219,9 +186,10 @@ def fidelity_metrics(fake: dict[str, torch.Tensor], real: dict[str, torch.Tensor
     if "kid" in groups:
         subset = min(kid_subset_size, len(ff), len(fr))
         out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD] = kid(ff, fr, subset, seed)
-    if "prc" in groups:   # distances on the fake features' device (a GPU when there is one)
-        out.update(prc_features_to_metric(ff, fr.to(ff.device), verbose=False,
-                                          **prc_memory_args(len(ff), len(fr))))
+    if "prc" in groups:
+        p, r = precision_recall(ff, fr)
+        out.update({KEY_METRIC_PRECISION: p, KEY_METRIC_RECALL: r,
+                    KEY_METRIC_F_SCORE: 2 * p * r / max(1e-5, p + r)})   # torch-fidelity's F-score
     return {ours: float(out[theirs]) for ours, theirs in FIDELITY_KEYS.items() if theirs in out}
 
 

@@ -153,23 +153,25 @@ def test_kid_runs_in_full_fp32_and_restores_the_matmul_precision():
         torch.set_float32_matmul_precision(before)
 
 
-def test_precision_recall_blocked_mode_equals_full_mode(monkeypatch):
-    """Above the memory budget genbench asks torch-fidelity for its blocked mode: same P/R, bounded blocks."""
-    from genbench import evaluate
-    from genbench.evaluate import prc_memory_args
+@pytest.mark.parametrize("n_fake,n_real,d,block", [(700, 500, 8, 128), (900, 1300, 32, 256), (1500, 1200, 6, 10_000)])
+def test_precision_recall_equals_torch_fidelity_block_by_block(n_fake, n_real, d, block):
+    """Distances reduced block by block on the device give exactly torch-fidelity's full-matrix result,
+    with uneven last blocks and more blocks of one set than the other."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
 
-    assert prc_memory_args(500, 10_000, budget=2 << 30) == {"save_cpu_ram": False}
-    big = prc_memory_args(50_000, 50_000, budget=6 << 30)   # full mode would peak near 40 GB
-    assert big["save_cpu_ram"] and 4 * big["prc_batch_size"] * 50_000 <= (6 << 30) // 5
-    a = _gaussian(1500, torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64), 4).float()
-    b = _gaussian(1200, torch.full((6,), 0.8, dtype=torch.float64), torch.full((6,), 1.3, dtype=torch.float64),
+    from genbench.device_metrics import precision_recall
+
+    a = _gaussian(n_fake, torch.zeros(d, dtype=torch.float64), torch.ones(d, dtype=torch.float64), 4).float()
+    b = _gaussian(n_real, torch.full((d,), 0.3, dtype=torch.float64), torch.full((d,), 1.3, dtype=torch.float64),
                   5).float()
-    full = fidelity_metrics({"f": a}, {"f": b}, SPEC, ["prc"])
-    monkeypatch.setattr(evaluate, "PRC_MEMORY_BYTES", 200_000)     # forces blocks of a few rows
-    assert prc_memory_args(1500, 1200)["prc_batch_size"] < 100
-    blocked = fidelity_metrics({"f": a}, {"f": b}, SPEC, ["prc"])
-    assert 0.05 < full["precision"] < 0.95 and 0.05 < full["recall"] < 0.95
-    assert blocked == full
+    theirs = prc_features_to_metric(a, b, save_cpu_ram=False, prc_batch_size=block, verbose=False)
+    p, r = precision_recall(a, b, block=block)
+    assert 0.05 < p < 0.999 and 0.05 < r < 0.999
+    assert (p, r) == (theirs["precision"], theirs["recall"])
+    if block == 10_000:   # and through the harness, with torch-fidelity's default arguments
+        ours = fidelity_metrics({"f": a}, {"f": b}, SPEC, ["prc"])
+        assert ours == {"precision": theirs["precision"], "recall": theirs["recall"],
+                        "f_score": pytest.approx(theirs["f_score"], rel=1e-12)}
 
 
 def test_reference_fid_statistics_computed_once_and_same_numbers(monkeypatch):
