@@ -1,9 +1,10 @@
-"""FID and KID with torch-fidelity's formulas, computed in torch on the features' own device.
+"""FID, KID and precision/recall with torch-fidelity's formulas, computed in torch on the features' device.
 
-torch-fidelity computes both on the host in numpy whatever the device: FID takes the eigenvalues of the
-non-symmetric product sigma_fake @ sigma_real (LAPACK geev), KID loops over 100 random subsets with
-float32 matmuls. For 50,000 x 2048 Inception features that was 1.5 s and 2.9 s of the H200 host's
-evaluation, and 4.9 s (eigenvalues alone) and 11-14 s on the 2-core CPU, while a GPU sat idle.
+torch-fidelity computes FID and KID on the host in numpy whatever the device: FID takes the eigenvalues
+of the non-symmetric product sigma_fake @ sigma_real (LAPACK geev), KID loops over 100 random subsets
+with float32 matmuls. For 50,000 x 2048 Inception features that was 1.5 s and 2.9 s of the H200 host's
+evaluation, and 4.9 s (eigenvalues alone) and 11-14 s on the 2-core CPU, while a GPU sat idle. Its
+precision/recall copies every distance block to the host (see `precision_recall`).
 
 The quantities are the same; only where and how they are computed differs:
 - FID: tr sqrt(S1 S2) is the sum of the square roots of the eigenvalues of S1 S2, which has the
@@ -14,7 +15,9 @@ The quantities are the same; only where and how they are computed differs:
 - KID: torch-fidelity's polynomial kernel, unbiased MMD^2 estimate and subsets, drawn from the same
   numpy RandomState in the same order, so the subsets are identical; float32 kernels as theirs, with
   full-precision float32 matmuls (TF32 off) because the estimate subtracts large kernel sums.
-tests/test_metrics.py checks both against torch-fidelity's own functions.
+- Precision/recall: the same distance blocks as torch-fidelity's full mode, reduced on the device.
+tests/test_metrics.py checks each against torch-fidelity's own functions (DESIGN.md says to use those;
+these exist because the speed issue asks for its numbers faster than it computes them).
 """
 from __future__ import annotations
 
@@ -24,6 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch_fidelity.defaults import DEFAULTS
+
+# Recorded with every number (provenance "metric_code"): bump when a change here can move a value.
+METRIC_CODE = "genbench.device_metrics/1: FID, KID, precision/recall; IS by torch-fidelity"
 
 
 @dataclass

@@ -30,8 +30,8 @@ from torch_fidelity.utils import create_feature_extractor
 
 from genbench import evaluators
 from genbench.data import Data, to_uint8
-from genbench.device_metrics import (ReferenceStats, fid_statistics, frechet_distance, kid, precision_recall,
-                                     reference_statistics)
+from genbench.device_metrics import (METRIC_CODE, ReferenceStats, fid_statistics, frechet_distance, kid,
+                                     precision_recall, reference_statistics)
 from genbench.evaluators.classifier import file_sha256
 from genbench.fastpath import FastPath, autocast, tune_cudnn
 from genbench.families.base import Batch, GenerativeModel
@@ -282,6 +282,7 @@ def provenance(extractor: Extractor | None, *, n_real: int | None, n_fake: int, 
         "extractor_sha256": extractor.sha256 if extractor else None,
         "extractor_compiled": extractor.compiled if extractor else None,   # compiled kernels round differently
         "prc_features": extractor.spec.fid_layer if extractor else None,
+        "metric_code": METRIC_CODE if extractor else None,
         "n_real": n_real, "n_fake": n_fake, "ref_split": ref_split, "image_size": image_size,
         "versions": {"genbench": genbench.__version__, "torch": torch.__version__,
                      "torch_fidelity": torch_fidelity.__version__, "python": platform.python_version()},

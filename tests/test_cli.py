@@ -95,6 +95,7 @@ def test_run_then_rerun_skips(tmp_path):
         assert isinstance(m["metrics"][key], float | int), key
     assert m["sampling"]["nfe"] == 1 and m["sampling"]["img_per_s"] > 0
     assert m["provenance"]["extractor"] == "digits" and len(m["provenance"]["extractor_sha256"]) == 64
+    assert m["provenance"]["metric_code"].startswith("genbench.device_metrics/")
     assert m["provenance"]["extractor_compiled"] is False          # --compile only compiles on CUDA
     for f in ("config.json", "curves.csv", "train_log.csv", "samples.png", "model.pt"):
         assert (rdir / f).is_file(), f
