@@ -152,8 +152,8 @@ class Reference:
     covariance's square root) computed once.
 
     An evaluation point used to recompute the reference mean and covariance from its features every
-    time: 5 s of the 16 s FID stage for 50,000 x 2048 features on the 2-core CPU
-    (bench/results/cpu-metric-cost-50k.json); a run scores many points."""
+    time: 5 s of the 16 s FID stage for 50,000 x 2048 features on the 2-core CPU, with torch-fidelity's
+    functions (bench/results/cpu-metric-cost-50k-torch-fidelity-prc.json); a run scores many points."""
     feats: dict[str, torch.Tensor]
     _fid_stats: dict[str, ReferenceStats] = field(default_factory=dict, repr=False)
 
