@@ -199,7 +199,7 @@ def main():
         v = values[k]
         shown = ", ".join(f"{kk} {float(vv):.6g}" for kk, vv in v.items() if kk in
                           ("fid", "frechet_inception_distance", "is_mean", "kid_mean",
-                                                          "kernel_inception_distance_mean", "precision", "recall"))
+                           "kernel_inception_distance_mean", "precision", "recall"))
         print(f"| {k} | {r['wall_s']:.2f} | {r['host_extra_gb']:.2f} | {shown} |")
     return 0
 

@@ -77,7 +77,8 @@ def frechet_distance(fake: FidStats, ref: ReferenceStats) -> float:
 
 @contextmanager
 def _full_fp32_matmul():
-    """TF32 off for the block (a user's `set_float32_matmul_precision('high')` would cost KID 1e-3)."""
+    """TF32 off for the block: a user's `set_float32_matmul_precision('high')` would cost KID 1e-3, and
+    move distances that precision/recall compare with radii (cdist is a matmul)."""
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
@@ -139,14 +140,15 @@ def precision_recall(fake: torch.Tensor, real: torch.Tensor, k: int = DEFAULTS["
     block; the blocks and their cdist calls are those of torch-fidelity's full mode, so the distances,
     and with them the results, are the same (tests/test_metrics.py asserts equality)."""
     real = real.to(fake.device)
-    r_fake, r_real = _knn_radii(fake, k, block), _knn_radii(real, k, block)
     fake_hit = torch.zeros(len(fake), dtype=torch.bool, device=fake.device)
     real_hit = torch.zeros(len(real), dtype=torch.bool, device=fake.device)
-    for i, rb in enumerate(real.split(block)):
-        rows = slice(i * block, i * block + len(rb))
-        for j, fb in enumerate(fake.split(block)):
-            cols = slice(j * block, j * block + len(fb))
-            d = torch.cdist(rb, fb)                             # [real block, fake block], as theirs
-            real_hit[rows] |= (d <= r_fake[cols]).any(1)
-            fake_hit[cols] |= (d <= r_real[rows, None]).any(0)
+    with _full_fp32_matmul():
+        r_fake, r_real = _knn_radii(fake, k, block), _knn_radii(real, k, block)
+        for i, rb in enumerate(real.split(block)):
+            rows = slice(i * block, i * block + len(rb))
+            for j, fb in enumerate(fake.split(block)):
+                cols = slice(j * block, j * block + len(fb))
+                d = torch.cdist(rb, fb)                             # [real block, fake block], as theirs
+                real_hit[rows] |= (d <= r_fake[cols]).any(1)
+                fake_hit[cols] |= (d <= r_real[rows, None]).any(0)
     return fake_hit.float().mean().item(), real_hit.float().mean().item()
