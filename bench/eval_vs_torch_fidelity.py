@@ -38,31 +38,10 @@ import torch
 
 
 def random_inception_weights(path: Path, dev: torch.device) -> None:
-    """Write a seeded random state dict for torch-fidelity's InceptionV3 (its constructor insists on
-    loading weights, so construct it once with loading stubbed out)."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    """A seeded random Inception, its batch-norm statistics calibrated on 4 x 64 structured images."""
+    from genbench.evaluators.inception import write_random_inception_weights
 
-    cls = FeatureExtractorInceptionV3
-    original = cls.load_state_dict
-    empty = Path(tempfile.mkdtemp()) / "empty.pt"
-    torch.save({}, empty)
-    torch.manual_seed(0)
-    try:
-        cls.load_state_dict = lambda self, sd, *a, **k: None
-        net = cls("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
-    finally:
-        cls.load_state_dict = original
-    # Random convolutions with untouched batch-norm statistics give near-constant features (FID ~ 1e-14);
-    # calibrate the running statistics on images so the features, and the FID, depend on the input.
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None            # cumulative average over the calibration batches
-    net.train().to(dev)
-    with torch.no_grad():
-        for i in range(4):
-            net(images(64, 100 + i, 1 + i % 4).to(dev))
-    torch.save({k: v.cpu() for k, v in net.state_dict().items()}, path)
+    write_random_inception_weights(path, (images(64, 100 + i, 1 + i % 4) for i in range(4)), dev)
 
 
 def images(n: int, seed: int, smooth: int) -> torch.Tensor:
@@ -86,15 +65,21 @@ def extractor_variants(dev, weights, x, batch) -> dict:
     features against torch-fidelity's own forward (NCHW, cuDNN autotuning off)."""
     from torch_fidelity.utils import create_feature_extractor
 
-    forms = {"torch-fidelity": (False, False, False), "channels_last": (True, False, False),
-             "+cudnn_benchmark (genbench)": (True, True, False), "+compile (genbench --compile)": (True, True, True)}
+    from genbench.evaluators.inception import MatmulResizeInception
+
+    # name: (channels_last, cuDNN autotuning, genbench's matmul resize, torch.compile)
+    forms = {"torch-fidelity": (False, False, False, False), "channels_last": (True, False, False, False),
+             "+cudnn_benchmark": (True, True, False, False),
+             "+matmul_resize (genbench)": (True, True, True, False),
+             "+compile (genbench --compile)": (True, True, True, True)}
     chunks = [x[i:i + batch] for i in range(0, len(x), batch)]
     out, base = {}, None
-    for name, (nhwc, bench, comp) in forms.items():
+    for name, (nhwc, bench, resize, comp) in forms.items():
         torch.backends.cudnn.benchmark = bench
         net = create_feature_extractor("inception-v3-compat", ["2048"], cuda=False, verbose=False,
                                        feature_extractor_weights_path=weights).to(dev)
         net = net.to(memory_format=torch.channels_last) if nhwc else net
+        net = MatmulResizeInception(net) if resize else net
         net = torch.compile(net, dynamic=False) if comp else net
         t = clock(dev)
         with torch.no_grad():

@@ -76,7 +76,7 @@ def frechet_distance(fake: FidStats, ref: ReferenceStats) -> float:
 
 
 @contextmanager
-def _full_fp32_matmul():
+def full_fp32_matmul():
     """TF32 off for the block: a user's `set_float32_matmul_precision('high')` would cost KID 1e-3, and
     move distances that precision/recall compare with radii (cdist is a matmul)."""
     before = torch.get_float32_matmul_precision()
@@ -105,7 +105,7 @@ def kid(fake: torch.Tensor, real: torch.Tensor, subset_size: int, seed: int,
                                                rng.choice(len(real), m, replace=False)])
                                      for _ in range(subsets)])).to(fake.device)   # [subsets, 2, m]
     mmds = torch.empty(subsets, dtype=torch.float64, device=fake.device)
-    with _full_fp32_matmul():
+    with full_fp32_matmul():
         for i in range(subsets):
             x, y = fake[idx[i, 0]], real[idx[i, 1]]
             k_xx, k_yy, k_xy = _poly_kernel(x, x), _poly_kernel(y, y), _poly_kernel(x, y)
@@ -142,7 +142,7 @@ def precision_recall(fake: torch.Tensor, real: torch.Tensor, k: int = DEFAULTS["
     real = real.to(fake.device)
     fake_hit = torch.zeros(len(fake), dtype=torch.bool, device=fake.device)
     real_hit = torch.zeros(len(real), dtype=torch.bool, device=fake.device)
-    with _full_fp32_matmul():
+    with full_fp32_matmul():
         r_fake, r_real = _knn_radii(fake, k, block), _knn_radii(real, k, block)
         for i, rb in enumerate(real.split(block)):
             rows = slice(i * block, i * block + len(rb))

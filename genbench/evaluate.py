@@ -30,9 +30,10 @@ from torch_fidelity.utils import create_feature_extractor
 
 from genbench import evaluators
 from genbench.data import Data, to_uint8
-from genbench.device_metrics import (METRIC_CODE, ReferenceStats, fid_statistics, frechet_distance, kid,
-                                     precision_recall, reference_statistics)
+from genbench.device_metrics import (METRIC_CODE, ReferenceStats, fid_statistics, frechet_distance,
+                                     full_fp32_matmul, kid, precision_recall, reference_statistics)
 from genbench.evaluators.classifier import file_sha256
+from genbench.evaluators.inception import FORWARD_CODE, MatmulResizeInception
 from genbench.fastpath import FastPath, autocast, tune_cudnn
 from genbench.families.base import Batch, GenerativeModel
 from genbench.modes import classifier_mode_stats, mixture_mode_stats
@@ -53,6 +54,7 @@ class Extractor:
     sha256: str | None
     device: torch.device
     compiled: bool = False
+    forward_code: str | None = None   # set where genbench's forward replaces torch-fidelity's (provenance)
     # A compiled extractor pads every smaller batch to the first batch's size: one graph, and no
     # recompilation for a run's last, partial batch (the networks are per-image in eval mode).
     _batch: int = field(default=0, repr=False)
@@ -68,27 +70,32 @@ class Extractor:
             self._batch = self._batch or n
             if n < self._batch:
                 x = torch.cat([x, x.new_zeros((self._batch - n, *x.shape[1:]))])
-        feats = self.module(x)
+        with full_fp32_matmul():   # the Inception's resize is a matmul: TF32 would round the pixels
+            feats = self.module(x)
         return {k: v[:n].float() for k, v in zip(self.layers, feats)}
 
 
 def build_extractor(name: str, device: torch.device, *, inception_weights=None, download=False,
                     compile: bool = False) -> Extractor:
-    """torch-fidelity's extractor `name` on `device`. On CUDA: channels_last and cuDNN autotuning, and
-    with `compile` torch.compile, compiled on the first batch (H200, 50,000 Inception images at batch 500:
-    4.0 s instead of 8.7 s once compiled, about 20 s of compilation; bench/results/h200-eval.json)."""
+    """torch-fidelity's extractor `name` on `device`; the Inception with genbench's forward (its input resize
+    as two matmuls, `evaluators.inception`). On CUDA: channels_last and cuDNN autotuning, and with `compile`
+    torch.compile, compiled on the first batch (H200, 50,000 Inception images at batch 500: 4.0 s instead
+    of 8.7 s once compiled, about 20 s of compilation; bench/results/h200-eval.json, before the matmul resize)."""
     weights = evaluators.check_extractor(name, inception_weights=inception_weights, download=download)
     spec = evaluators.EXTRACTORS[name]
     layers = list(dict.fromkeys([spec.fid_layer, spec.isc_layer]))
     kwargs = {"feature_extractor_weights_path": weights} if name == evaluators.INCEPTION else {}
     module = create_feature_extractor(spec.fidelity_name, layers, cuda=False, verbose=False, **kwargs).to(device)
+    forward_code = None
+    if name == evaluators.INCEPTION:   # its layers and weights, its input resize as two matmuls
+        module, forward_code = MatmulResizeInception(module), FORWARD_CODE
     compiled = compile and device.type == "cuda"
     if device.type == "cuda":   # NHWC convolutions: faster on tensor-core GPUs, same math
         module = module.to(memory_format=torch.channels_last)
         tune_cudnn(device)
     if compiled:
         module = torch.compile(module, dynamic=False)
-    return Extractor(spec, module, file_sha256(Path(weights)) if weights else None, device, compiled)
+    return Extractor(spec, module, file_sha256(Path(weights)) if weights else None, device, compiled, forward_code)
 
 
 def extract(extractor: Extractor, batches: Iterable[torch.Tensor], to_cpu: bool = True) -> dict[str, torch.Tensor]:
@@ -281,6 +288,7 @@ def provenance(extractor: Extractor | None, *, n_real: int | None, n_fake: int, 
         "extractor": extractor.spec.name if extractor else "mixture-modes",
         "extractor_sha256": extractor.sha256 if extractor else None,
         "extractor_compiled": extractor.compiled if extractor else None,   # compiled kernels round differently
+        "extractor_forward": extractor.forward_code if extractor else None,
         "prc_features": extractor.spec.fid_layer if extractor else None,
         "metric_code": METRIC_CODE if extractor else None,
         "n_real": n_real, "n_fake": n_fake, "ref_split": ref_split, "image_size": image_size,

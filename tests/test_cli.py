@@ -97,6 +97,7 @@ def test_run_then_rerun_skips(tmp_path):
     assert m["provenance"]["extractor"] == "digits" and len(m["provenance"]["extractor_sha256"]) == 64
     assert m["provenance"]["metric_code"].startswith("genbench.device_metrics/")
     assert m["provenance"]["extractor_compiled"] is False          # --compile only compiles on CUDA
+    assert m["provenance"]["extractor_forward"] is None   # the digits classifier: no forward replaced
     for f in ("config.json", "curves.csv", "train_log.csv", "samples.png", "model.pt"):
         assert (rdir / f).is_file(), f
     assert not (rdir / "checkpoint.pt").exists()
