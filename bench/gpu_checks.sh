@@ -1,22 +1,21 @@
 #!/usr/bin/env bash
 # The GPU measurements of the fast-path issue in one prepared run on a lent H100/H200, each stage with its
 # own time limit (one slow stage cannot take the others' results with it); everything lands in $OUT
-# (default ./gpu-out). Stages: bf16-quality (bf16 vs fp32 FD), eval (beside torch-fidelity: plain,
-# torch.compile'd and ahead-of-time compiled extractor, and a kernel profile of the plain one),
-# eval-second-process (the compiled and aot rows again in a new process: inductor's on-disk cache warm,
-# the aot package loaded instead of compiled; the open cold-evaluation goal; compiled first, so a slow
-# or failing aot form cannot cost it, and eval runs compiled before aot to warm inductor's cache for
-# it; then the extractor's forms one switch at a time, the matmul resize among them), sampling (beside diffusers;
-# the tuned configs last, being the slowest to compile), metric-cost (the metric stage at 50k,
-# precision/recall included). STAGES picks them; the default is the open goal's two stages (480 s of
-# limits); metric-cost (120 s) is the next unmeasured one. All five add up to 890 s, more than one
-# call's 600 s.
+# (default ./gpu-out). Stages: bf16-quality (bf16 vs fp32 FD), first-batch (a cold extractor's first
+# batch with cuDNN's autotuner on and off, a new process each), eval (beside torch-fidelity: plain and
+# torch.compile'd extractor, and a kernel profile of the plain one), eval-second-process (the compiled
+# rows again in a new process, inductor's on-disk cache warm; then the extractor's forms one switch at a
+# time), sampling (beside diffusers; the tuned configs last, being the slowest to compile), metric-cost
+# (the metric stage at 50k, precision/recall included). STAGES picks them; the default is the
+# cold-evaluation goal's three (370 s of limits). All six add up to 780 s, more than one call's 600 s.
+# The eval bench's ahead-of-time compiled form was dropped: on the H200 (torch 2.11.0+cu130) both of
+# run 3's processes died in it with a segmentation fault (bench/results/h200-checks-run3.log).
 #
 # Prepare on the development machine (folders ignored by git, carried to the device machine):
 #   pip download --no-deps ... -d .whl torch-fidelity==0.4.0 diffusers importlib_metadata  (see the device README)
 #   mkdir -p .gpu-data/fashion && cp /usr/share/datasets/fashion-mnist/t10k-* .gpu-data/fashion/
 #   cp -r results/fashion/fashion/ddpm/seed0 .gpu-data/fashion-ddpm     # a finished fashion ddpm run
-# Run there:   bash bench/gpu_checks.sh   (carry .whl and .gpu-data; a call timeout above the stages' limits: 530 s
+# Run there:   bash bench/gpu_checks.sh   (carry .whl and .gpu-data; a call timeout above the stages' limits: 400 s
 #              for the default STAGES)
 # Wiring check on a CPU, tiny sizes:   DEVICE=cpu SMALL=1 RUN=results/smoke/digits/ddpm/seed0 bash bench/gpu_checks.sh
 set -u
@@ -35,9 +34,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && ! "$PY" -c "import torch_fide
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-STAGES=${STAGES:-eval eval-second-process}   # which stages to run (see the header)
-AOT_DIR=${AOT_DIR:-/tmp/genbench-aot}   # the aot package: compiled by eval, loaded by eval-second-process
-rm -rf "$AOT_DIR"
+STAGES=${STAGES:-first-batch eval eval-second-process}   # which stages to run (see the header)
 
 stage() {   # stage NAME LIMIT_S COMMAND...: run with a time limit, log its output and exit status
   local name=$1 limit=$2
@@ -58,20 +55,22 @@ fi
 if [ "$SMALL" = 1 ]; then
   S=(--tiny --batch 16 --steps 2 --configs diffusers-fp32,genbench-fp32,genbench-bf16 --profile genbench-bf16)
   Q=(--seeds 2 --n 40 --bf16-head); M=(--n-fake 2000 --n-real 2000); E=(--n 60 --batch 30); V=30
+  F=(--batch 8 --batches 2)
 else
   S=(--batch 1024 --steps 20 --configs diffusers-fp32,genbench-bf16-cudagraphs,genbench-bf16-tuned,genbench-bf16-autotune)
   Q=(--seeds 4 --n 2000 --bf16-head); M=(--n-fake 50000 --n-real 50000 --skip-full)
-  E=(--n 50000 --batch 500); V=5000
+  E=(--n 50000 --batch 500); V=5000; F=(--batch 500 --batches 10)
 fi
 DATA_ARGS=()
 [ -d "$DATA" ] && DATA_ARGS=(--data-root "$DATA")
 
 stage bf16-quality 60 "$PY" bench/bf16_vs_fp32_quality.py --run "$RUN" "${DATA_ARGS[@]}" --device "$DEVICE" "${Q[@]}" \
   --out "$OUT/bf16-quality.json"
-stage eval 300 "$PY" bench/eval_vs_torch_fidelity.py --device "$DEVICE" "${E[@]}" --forms plain,compiled,aot \
-  --aot-dir "$AOT_DIR" --skip-default-batch --profile-extractor --out "$OUT/eval.json"
-stage eval-second-process 180 "$PY" bench/eval_vs_torch_fidelity.py --device "$DEVICE" "${E[@]}" --forms compiled,aot \
-  --aot-dir "$AOT_DIR" --skip-default-batch --variants "$V" --out "$OUT/eval-second-process.json"
+stage first-batch 60 "$PY" bench/extractor_first_batch.py --device "$DEVICE" "${F[@]}" --out "$OUT/first-batch.json"
+stage eval 180 "$PY" bench/eval_vs_torch_fidelity.py --device "$DEVICE" "${E[@]}" --forms plain,compiled \
+  --skip-default-batch --profile-extractor --out "$OUT/eval.json"
+stage eval-second-process 130 "$PY" bench/eval_vs_torch_fidelity.py --device "$DEVICE" "${E[@]}" --forms compiled \
+  --skip-default-batch --variants "$V" --out "$OUT/eval-second-process.json"
 stage sampling 230 "$PY" bench/sampling_vs_diffusers.py --device "$DEVICE" "${S[@]}" --out "$OUT/sampling.json"
 stage metric-cost 120 "$PY" bench/metric_cost.py --device "$DEVICE" "${M[@]}" --out "$OUT/metric-cost.json"
 echo "== done $(date +%T); files in $OUT: $(ls "$OUT" | tr '\n' ' ')" | tee -a "$LOG"

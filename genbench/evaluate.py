@@ -34,7 +34,7 @@ from genbench.device_metrics import (METRIC_CODE, ReferenceStats, fid_statistics
                                      full_fp32_matmul, kid, precision_recall, reference_statistics)
 from genbench.evaluators.classifier import file_sha256
 from genbench.evaluators.inception import FORWARD_CODE, MatmulResizeInception
-from genbench.fastpath import FastPath, autocast, tune_cudnn
+from genbench.fastpath import FastPath, autocast, cudnn_autotune
 from genbench.families.base import Batch, GenerativeModel
 from genbench.modes import classifier_mode_stats, mixture_mode_stats
 from genbench.rng import SeedRNG
@@ -55,6 +55,9 @@ class Extractor:
     device: torch.device
     compiled: bool = False
     forward_code: str | None = None   # set where genbench's forward replaces torch-fidelity's (provenance)
+    # cuDNN timing its convolution algorithms on each new shape: off, since the timing falls on a cold
+    # evaluation's first batch and the extractor is no faster for it (bench/extractor_first_batch.py)
+    cudnn_autotune: bool = False
     # A compiled extractor pads every smaller batch to the first batch's size: one graph, and no
     # recompilation for a run's last, partial batch (the networks are per-image in eval mode).
     _batch: int = field(default=0, repr=False)
@@ -70,7 +73,8 @@ class Extractor:
             self._batch = self._batch or n
             if n < self._batch:
                 x = torch.cat([x, x.new_zeros((self._batch - n, *x.shape[1:]))])
-        with full_fp32_matmul():   # the Inception's resize is a matmul: TF32 would round the pixels
+        # the Inception's resize is a matmul: TF32 would round the pixels
+        with full_fp32_matmul(), cudnn_autotune(self.cudnn_autotune):
             feats = self.module(x)
         return {k: v[:n].float() for k, v in zip(self.layers, feats)}
 
@@ -78,9 +82,10 @@ class Extractor:
 def build_extractor(name: str, device: torch.device, *, inception_weights=None, download=False,
                     compile: bool = False) -> Extractor:
     """torch-fidelity's extractor `name` on `device`; the Inception with genbench's forward (its input resize
-    as two matmuls, `evaluators.inception`). On CUDA: channels_last and cuDNN autotuning, and with `compile`
-    torch.compile, compiled on the first batch (H200, 50,000 Inception images at batch 500: 4.0 s instead
-    of 8.7 s once compiled, about 20 s of compilation; bench/results/h200-eval.json, before the matmul resize)."""
+    as two matmuls, `evaluators.inception`). On CUDA: channels_last, and with `compile`
+    torch.compile, compiled on the first batch (H200, 50,000 Inception images at batch 500: 5.2 s instead
+    of 8.5 s once compiled, for about 35 s of compilation in a machine's first process and about 9 s of
+    importing and loading in a later one; bench/results/h200-eval-run4*.json)."""
     weights = evaluators.check_extractor(name, inception_weights=inception_weights, download=download)
     spec = evaluators.EXTRACTORS[name]
     layers = list(dict.fromkeys([spec.fid_layer, spec.isc_layer]))
@@ -92,7 +97,6 @@ def build_extractor(name: str, device: torch.device, *, inception_weights=None, 
     compiled = compile and device.type == "cuda"
     if device.type == "cuda":   # NHWC convolutions: faster on tensor-core GPUs, same math
         module = module.to(memory_format=torch.channels_last)
-        tune_cudnn(device)
     if compiled:
         module = torch.compile(module, dynamic=False)
     return Extractor(spec, module, file_sha256(Path(weights)) if weights else None, device, compiled, forward_code)

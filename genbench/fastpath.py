@@ -2,8 +2,10 @@
 (optionally with CUDA graphs through mode="reduce-overhead"). Nothing here changes what a family
 computes, only how: the same seeds give the same images up to bf16 rounding.
 
-On CUDA, cuDNN's autotuner (`cudnn.benchmark`) is always on for sampling and feature extraction: both
-run the same few shapes thousands of times, so timing the convolution algorithms once per shape pays.
+On CUDA, cuDNN's autotuner (`cudnn.benchmark`) is on for sampling: it runs the same few shapes
+thousands of times, so timing the convolution algorithms once per shape can pay. The feature extractor
+runs with it off (`cudnn_autotune`, used by `evaluate.Extractor`): there the timing is paid once per
+process on a cold evaluation's first batch and bought no extraction speed (bench/extractor_first_batch.py).
 
 On CPU every part is off (bf16 autocast on CPU is slow and not what users run), except bf16 when
 asked for explicitly with bf16_cpu: that is how bf16's effect on sample quality is checked on a
@@ -48,6 +50,17 @@ def tune_cudnn(device) -> None:
     """Let cuDNN time its convolution algorithms per shape (CUDA only; process-wide)."""
     if torch.device(device).type == "cuda":
         torch.backends.cudnn.benchmark = True
+
+
+@contextlib.contextmanager
+def cudnn_autotune(on: bool):
+    """cuDNN's autotuner on or off for the block (process-wide flag, restored after)."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def prepare(model: torch.nn.Module, device, fp: FastPath) -> torch.nn.Module:

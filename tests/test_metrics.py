@@ -213,6 +213,28 @@ def test_compiled_extractor_pads_partial_batches_to_one_shape():
         assert torch.allclose(full[k], plain(x[:8])[k], atol=1e-5)
 
 
+@pytest.mark.parametrize("autotune", [False, True])
+def test_extractor_sets_cudnn_autotune_for_its_forward_only(autotune):
+    """The extractor runs its module with cuDNN's autotuner as its field says (off by default: the timing
+    falls on a cold evaluation's first batch) and leaves the process-wide flag as it found it."""
+    from genbench.data import load
+    from genbench.evaluate import Extractor, build_extractor
+
+    plain = build_extractor("digits", torch.device("cpu"))
+    assert plain.cudnn_autotune is False
+    seen = []
+    ext = Extractor(plain.spec, lambda x: (seen.append(torch.backends.cudnn.benchmark), plain.module(x))[1], None,
+                    plain.device, cudnn_autotune=autotune)
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = not autotune
+        ext(load("digits", "test").x[:4])
+        assert seen == [autotune]
+        assert torch.backends.cudnn.benchmark is (not autotune)
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def _digits_reference():
     from genbench.data import load
     from genbench.evaluate import build_extractor
