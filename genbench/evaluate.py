@@ -133,8 +133,14 @@ def reference_features(extractor: Extractor, data: Data, n_real: int | None, cac
     # Inception on a CPU extracts a few images a second: 50,000 reference images take hours, so show it
     bar = tqdm(total=n, desc=f"reference features ({data.name} {data.split})", unit="img", disable=not progress,
                leave=False)
-    batches = (data.x[i:min(i + batch_size, n)] for i in range(0, n, batch_size))
-    feats = extract(extractor, (bar.update(len(xb)) or xb for xb in batches), to_cpu=False)
+
+    def counted_batches():   # tqdm's update() returns True when it redraws: never chain on its value
+        for i in range(0, n, batch_size):
+            xb = data.x[i:min(i + batch_size, n)]
+            yield xb
+            bar.update(len(xb))
+
+    feats = extract(extractor, counted_batches(), to_cpu=False)
     bar.close()
     if path is not None:
         host = {k: v.cpu() for k, v in feats.items()}   # one copy now: the thread never touches the device

@@ -235,6 +235,26 @@ def test_extractor_sets_cudnn_autotune_for_its_forward_only(autotune):
         torch.backends.cudnn.benchmark = before
 
 
+def test_reference_features_with_a_progress_bar_that_redraws(monkeypatch):
+    """tqdm's update() returns True whenever it redraws; the extraction must not depend on that value
+    (a run with progress on once handed the extractor `True` instead of a batch)."""
+    import genbench.evaluate as ev
+    from genbench.data import load
+
+    class Redrawing(ev.tqdm):
+        def update(self, n=1):
+            super().update(n)
+            return True
+
+    monkeypatch.setattr(ev, "tqdm", Redrawing)
+    ext, data = ev.build_extractor("digits", torch.device("cpu")), load("digits", "test")
+    with_bar = ev.reference_features(ext, data, 70, None, batch_size=32, progress=True)
+    without = ev.reference_features(ext, data, 70, None, batch_size=32, progress=False)
+    for k in ext.layers:
+        assert with_bar[k].shape[0] == 70
+        assert torch.equal(with_bar[k], without[k])
+
+
 def _digits_reference():
     from genbench.data import load
     from genbench.evaluate import build_extractor
