@@ -147,7 +147,8 @@ def train(model: GenerativeModel, data: Data, *, budget_kimg: float, batch_size:
             done = len(idx) / 1000.0
             state.phase_kimg += done
             state.kimg += done
-            bar.update(done)
+            # whole batches overshoot the budget by up to one batch: the bar stops at its total
+            bar.update(max(0.0, min(done, bar.total - bar.n)))
             state.log.append({"kimg": round(state.kimg, 4), "phase": phase.name, **logs})
             bad = _bad_log(logs)
             if bad is not None:
