@@ -26,7 +26,8 @@ import torch
 from genbench import data as gdata
 from genbench.config import card_from_dict
 from genbench.errors import UserError
-from genbench.evaluate import build_extractor, evaluate_samples, reference_features
+from genbench.evaluation import PointSettings, evaluate_point
+from genbench.scoring import build_extractor, reference_features
 from genbench.families import DataSpec, get_family
 from genbench.fastpath import FastPath
 from genbench.runner import resolve_device
@@ -93,9 +94,8 @@ def check(argv=None) -> int:
             if a.bf16_head:
                 net.out_fp32 = name != "bf16_head"
             t0 = time.time()
-            m, kept[name] = evaluate_samples(model, seed=seed, n_fake=n, sampler=card.sampler, groups=("fid",),
-                                             ref=ref, extractor=extractor, real_feats=real,
-                                             batch_size=ev["batch_size"], fast=fp, keep=n)
+            m, _, kept[name] = evaluate_point(model, card.sampler, seed, PointSettings(n, ev["batch_size"], ("fid",)),
+                                              ref, extractor, real, fast=fp, keep=n, timed=False)
             row[f"fd_{name}"], row[f"seconds_{name}"] = m["fid"], round(time.time() - t0, 2)
         # The same images in both precisions (uint8): how many values move, and by how much.
         x32, x16 = kept["fp32"].int(), kept["bf16"].int()

@@ -128,7 +128,7 @@ def main():
 
     from genbench.data import Data
     from genbench.errors import UserError
-    from genbench.evaluate import (Reference, build_extractor, extract, fidelity_metrics, reference_features,
+    from genbench.scoring import (Reference, build_extractor, extract, fidelity_metrics, reference_features,
                                    wait_for_cache_writes)
     from genbench.runner import resolve_device
 

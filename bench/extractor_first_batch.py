@@ -32,7 +32,7 @@ SETTINGS = ("off", "on")
 def child(a) -> dict:
     from eval_vs_torch_fidelity import clock, images, random_inception_weights   # bench/ is on sys.path
 
-    from genbench.evaluate import build_extractor
+    from genbench.scoring import build_extractor
 
     dev = torch.device(a.device)
     with tempfile.TemporaryDirectory() as tmp:

@@ -97,7 +97,7 @@ def tf_full_prc_peak_bytes(n_fake: int, n_real: int) -> int:
 def prc_rows(a, stage, fake, real, ref, spec) -> None:
     from torch_fidelity.metric_prc import prc_features_to_metric
 
-    from genbench.evaluate import fidelity_metrics
+    from genbench.scoring import fidelity_metrics
 
     stage("prc_genbench", lambda: fidelity_metrics(fake, ref, spec, ["prc"]))
     if a.tf_blocked:
@@ -130,7 +130,7 @@ def main():
 
     from genbench import evaluators
     from genbench.errors import UserError
-    from genbench.evaluate import Reference, fidelity_metrics
+    from genbench.scoring import Reference, fidelity_metrics
     from genbench.runner import resolve_device
     from genbench.store import atomic_torch_save
 

@@ -13,7 +13,7 @@ import torch
 from genbench import data as gdata
 from genbench.config import Suite, suite_cards
 from genbench.errors import UserError
-from genbench.evaluate import balanced_labels
+from genbench.scoring import balanced_labels
 from genbench.families import get_family
 from genbench.families.base import DataSpec
 from genbench.fastpath import FastPath, autocast, prepare

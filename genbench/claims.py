@@ -36,10 +36,17 @@ ALPHA = 0.05
 
 RULES = __doc__.split("Rules (stated once, used everywhere; the report prints RULES):\n", 1)[1].strip()
 
-# Family of each known card, for rows whose metrics.json lacks "family".
-CARD_FAMILY = {"dcgan": "gan", "sngan": "gan", "wgan-gp": "gan", "vae": "vae", "vqvae-pixelcnn": "vqvae",
-               "ddpm": "diffusion", "iddpm": "diffusion", "adm": "diffusion", "adm-cfg": "diffusion",
-               "adm-cg": "diffusion"}
+# What the claims call "DDPM", "iDDPM", "ADM" and the guided models, by family and declared traits (a
+# card's `traits:`), never by card name: a renamed or new card with these traits is counted the same.
+ROLES: dict[str, dict[str, str]] = {
+    "ddpm": {"family": "diffusion", "architecture": "ddpm-unet", "schedule": "linear", "variance": "fixed",
+             "conditioning": "none"},
+    "iddpm": {"family": "diffusion", "architecture": "ddpm-unet", "schedule": "cosine", "variance": "learned",
+              "conditioning": "none"},
+    "adm": {"family": "diffusion", "architecture": "adm", "conditioning": "none"},
+    "adm-cfg": {"family": "diffusion", "architecture": "adm", "conditioning": "classifier-free"},
+    "adm-cg": {"family": "diffusion", "architecture": "adm", "conditioning": "classifier"},
+}
 
 
 @dataclass(frozen=True)
@@ -307,17 +314,24 @@ class Scope:
     def card(self, card: str, metric: str) -> Sample:
         return _sample(self.ok[self.ok["card"] == card], metric, card)
 
+    def role(self, role: str, metric: str) -> Sample:
+        """The metric over the seeds of every card in `role` (ROLES), main evaluation, complete runs."""
+        return _sample(self.ok[self.ok["role"] == role], metric, role)
+
     def groups(self, rows: pd.DataFrame, metric: str) -> list[np.ndarray]:
         """Per-card value arrays (seed-to-seed spread without the differences between cards)."""
         if metric not in rows:
             return []
         return [g[metric].map(_num).dropna().to_numpy() for _, g in rows.groupby("card")]
 
-    def sweep(self, param: str, cards: tuple[str, ...] = (), kind: str | None = None) -> pd.DataFrame:
+    def sweep(self, param: str, cards: tuple[str, ...] = (), kind: str | None = None,
+              roles: tuple[str, ...] = ()) -> pd.DataFrame:
         """Complete sweep rows over `param`, with numeric sweep values when they are numbers."""
         d = self.df[(self.df["sweep_param"] == param) & (self.df["status"] == "complete")]
         if cards:
             d = d[d["card"].isin(cards)]
+        if roles:
+            d = d[d["role"].isin(roles)]
         if kind is not None and len(d):
             d = d[d.apply(sampler_kind, axis=1) == kind]
         return d
@@ -343,13 +357,18 @@ def _with_values(rows: pd.DataFrame) -> pd.DataFrame:
     return rows[rows["_v"].notna()]
 
 
-def _first_card(s: Scope, param: str, preferred: tuple[str, ...], kind: str | None = None) -> str | None:
-    """The card a sweep claim reads: the first of `preferred` with that sweep, else any card with it."""
+def _first_card(s: Scope, param: str, preferred: tuple[str, ...], kind: str | None = None,
+                family: str | None = None) -> str | None:
+    """The card a sweep claim reads: the first card in a role of `preferred` (ROLES) with that sweep,
+    else any card (of `family`, when given) with it."""
     d = s.sweep(param, kind=kind)
+    for role in preferred:
+        cards = list(dict.fromkeys(d[d["role"] == role]["card"]))
+        if cards:
+            return cards[0]
+    if family is not None:
+        d = d[d["family"] == family]
     cards = list(dict.fromkeys(d["card"]))
-    for c in preferred:
-        if c in cards:
-            return c
     return cards[0] if cards else None
 
 
@@ -410,7 +429,7 @@ def c2(s: Scope) -> list[Check]:
 
 
 def c3(s: Scope) -> list[Check]:
-    card = _first_card(s, "codes", ("vqvae-pixelcnn",))
+    card = _first_card(s, "codes", (), family="vqvae")
     if card is None:
         prior_check = Check("PixelCNN prior FID better than uniform codes", NOT_MEASURED, "no codes sweep", {})
     else:
@@ -437,6 +456,16 @@ def _ms_per_img(rows: pd.DataFrame, label: str) -> Sample:
     return Sample(label, np.array([]))
 
 
+def device_of(rows: pd.DataFrame) -> pd.Series:
+    """The machine a row was timed on: the device's model (provenance device_model, e.g. "NVIDIA H200" or
+    the CPU's name) where recorded, else the device string; "same device" compares these."""
+    dev = rows["device"] if "device" in rows else pd.Series("unknown", index=rows.index)
+    dev = dev.fillna("unknown").astype(str)
+    if "prov_device_model" in rows:
+        return rows["prov_device_model"].where(rows["prov_device_model"].notna(), dev).astype(str)
+    return dev
+
+
 def c4(s: Scope) -> list[Check]:
     checks = []
     # NFE: deterministic, every diffusion card against every other card
@@ -456,7 +485,7 @@ def c4(s: Scope) -> list[Check]:
     # img/s, only on one device at a time
     speed_checks = []
     if "img_per_s" in s.ok:
-        dev = s.ok["device"].fillna("unknown") if "device" in s.ok else pd.Series("unknown", index=s.ok.index)
+        dev = device_of(s.ok)
         for d in sorted(set(dev)):
             rows = s.ok[dev == d]
             dif = _sample(rows[rows["family"] == "diffusion"], "img_per_s", f"diffusion@{d}")
@@ -479,9 +508,14 @@ def c4(s: Scope) -> list[Check]:
 def _ddpm_vs_gan(s: Scope, factor: float = 100.0) -> Check:
     text = f"1000-step DDPM at least {factor:g}x slower per image than the GAN"
     d = s.df[s.df["status"] == "complete"]
-    ddpm = d[(d["card"] == "ddpm") & (d["nfe"].map(_num) == 1000)] if "nfe" in d else d.iloc[0:0]
+    ddpm = d[(d["family"] == "diffusion") & (d["nfe"].map(_num) == 1000)] if "nfe" in d else d.iloc[0:0]
+    # a seed's main row and its steps=1000 sweep row are one observation: one value per card and seed
+    if len(ddpm) and "ms_per_img" in ddpm:
+        ddpm = ddpm.assign(ms_per_img=ddpm["ms_per_img"].map(_num)).groupby(
+            ["card", "seed"], as_index=False).agg({"ms_per_img": "mean", **{c: "first" for c in ddpm.columns
+                                                                            if c not in ("card", "seed", "ms_per_img")}})
     gan = s.fam_rows("gan")
-    dev = lambda r: r["device"].fillna("unknown") if "device" in r else pd.Series("unknown", index=r.index)  # noqa: E731
+    dev = device_of
     common = sorted(set(dev(ddpm)) & set(dev(gan)))
     if not common:
         return Check(text, NOT_MEASURED, "no 1000-step DDPM and GAN timing on one device", {})
@@ -508,32 +542,33 @@ def _ddpm_vs_gan(s: Scope, factor: float = 100.0) -> Check:
 
 def c5(s: Scope) -> list[Check]:
     return [
-        none_diverged("ddpm", s.main[s.main["card"] == "ddpm"]["status"], "no DDPM run diverged"),
-        no_worse(s.card("ddpm", "fid"), s.card("iddpm", "fid"), "fid", False, 0.10,
+        none_diverged("ddpm", s.main[s.main["role"] == "ddpm"]["status"], "no DDPM run diverged"),
+        no_worse(s.role("ddpm", "fid"), s.role("iddpm", "fid"), "fid", False, 0.10,
                  "DDPM (fixed variance) FID no worse than iDDPM (learned variance), 10% margin"),
     ]
 
 
-def _step_loss(rows: pd.DataFrame, card: str, lo: float, hi: float) -> Sample:
-    """Per seed: FID at `lo` steps minus FID at `hi` steps (the quality lost by sampling faster)."""
-    rows = rows[rows["card"] == card]
-    a = rows[rows["_v"] == lo].groupby("seed")["fid"].mean()
-    b = rows[rows["_v"] == hi].groupby("seed")["fid"].mean()
+def _step_loss(rows: pd.DataFrame, role: str, lo: float, hi: float) -> Sample:
+    """Per card and seed of `role`: FID at `lo` steps minus FID at `hi` steps (the quality lost by
+    sampling faster)."""
+    rows = rows[rows["role"] == role]
+    a = rows[rows["_v"] == lo].groupby(["card", "seed"])["fid"].mean()
+    b = rows[rows["_v"] == hi].groupby(["card", "seed"])["fid"].mean()
     loss = (a - b).dropna()
-    return Sample(f"{card} FID({lo:g})-FID({hi:g})", loss.to_numpy(dtype=float))
+    return Sample(f"{role} FID({lo:g})-FID({hi:g})", loss.to_numpy(dtype=float))
 
 
 def c6(s: Scope) -> list[Check]:
     text = "learned variance (iDDPM) loses less FID than fixed (DDPM) as steps drop"
     step_check = Check(text, NOT_MEASURED, "no steps sweep with FID shared by ddpm and iddpm", {})
-    rows = _with_values(s.sweep("steps", ("ddpm", "iddpm")))
+    rows = _with_values(s.sweep("steps", roles=("ddpm", "iddpm")))
     if len(rows) and "fid" in rows:
         # one named sweep at a time, ancestral sampling first (the setting of the iDDPM paper)
         kind = {e: sampler_kind(g.iloc[0]) for e, g in rows.groupby("eval")}
         names = sorted(kind, key=lambda e: (kind[e] != "ancestral", e))
         for name in names:
             r = rows[rows["eval"] == name]
-            common = sorted(set(r[r["card"] == "ddpm"]["_v"]) & set(r[r["card"] == "iddpm"]["_v"]))
+            common = sorted(set(r[r["role"] == "ddpm"]["_v"]) & set(r[r["role"] == "iddpm"]["_v"]))
             if len(common) >= 2:
                 lo, hi = common[0], common[-1]
                 step_check = differ(_step_loss(r, "iddpm", lo, hi), _step_loss(r, "ddpm", lo, hi),
@@ -541,7 +576,7 @@ def c6(s: Scope) -> list[Check]:
                 break
     return [
         step_check,
-        differ(s.card("iddpm", "nll_bpd"), s.card("ddpm", "nll_bpd"), "nll_bpd", False,
+        differ(s.role("iddpm", "nll_bpd"), s.role("ddpm", "nll_bpd"), "nll_bpd", False,
                "cosine schedule (iddpm card) beats linear (ddpm card) in bits/dim"),
     ]
 
@@ -552,7 +587,7 @@ def _near(vals: list[float], target: float, lo: float, hi: float) -> float | Non
 
 
 def c7(s: Scope) -> list[Check]:
-    cg = _first_card(s, "classifier_scale", ("adm-cg",))
+    cg = _first_card(s, "classifier_scale", ("adm-cg",), family="diffusion")
     guide = [
         any_of("classifier guidance raises precision or IS as the scale grows", [
             _endpoints(s, "classifier_scale", cg, "precision", True, "precision rises"),
@@ -562,14 +597,14 @@ def c7(s: Scope) -> list[Check]:
     text = "~25 DDIM steps stay within 25% of the FID at ~250 steps"
     step_check = Check(text, NOT_MEASURED, "no DDIM steps sweep with ~25 and ~250 steps", {})
     card = _first_card(s, "steps", ("adm", "adm-cg", "adm-cfg"), kind="ddim")
-    if card is not None and card.startswith("adm"):
+    if card is not None and (s.df[s.df["card"] == card]["role"].isin(("adm", "adm-cg", "adm-cfg"))).any():
         rows = _one_sweep(s, "steps", card, "ddim")
         vals = sorted(set(rows["_v"]))
         few, many = _near(vals, 25, 10, 50), _near(vals, 250, 200, 1000)
         if few is not None and many is not None:
             step_check = no_worse(_at(rows, few, "fid", f"{card} {few:g} steps"),
                                   _at(rows, many, "fid", f"{card} {many:g} steps"), "fid", False, 0.25, text)
-    return [differ(s.card("adm", "fid"), s.card("ddpm", "fid"), "fid", False,
+    return [differ(s.role("adm", "fid"), s.role("ddpm", "fid"), "fid", False,
                    "ADM network FID better than DDPM network at the suite's equal budget"), *guide, step_check]
 
 
@@ -601,11 +636,12 @@ def _u_shape(s: Scope, card: str | None) -> Check:
 
 def _nfe_doubles(s: Scope, card: str | None) -> Check:
     text = "guidance doubles the NFE"
-    cfg = card or ("adm-cfg" if (s.ok["card"] == "adm-cfg").any() else None)
+    in_role = s.ok[s.ok["role"] == "adm-cfg"]["card"]
+    cfg = card or (in_role.iloc[0] if len(in_role) else None)
     if cfg is None or "nfe" not in s.df:
         return Check(text, NOT_MEASURED, "no classifier-free guided card with NFE", {})
     nfe_cfg = s.ok[s.ok["card"] == cfg]["nfe"].map(_num).dropna()
-    nfe_adm = s.ok[s.ok["card"] == "adm"]["nfe"].map(_num).dropna()
+    nfe_adm = s.ok[s.ok["role"] == "adm"]["nfe"].map(_num).dropna()
     if len(nfe_cfg) and len(nfe_adm):
         r = nfe_cfg.max() / nfe_adm.max()
         nums = {f"{cfg} nfe": float(nfe_cfg.max()), "adm nfe": float(nfe_adm.max()), "ratio": float(r)}
@@ -625,7 +661,7 @@ def _nfe_doubles(s: Scope, card: str | None) -> Check:
 
 
 def c8(s: Scope) -> list[Check]:
-    card = _first_card(s, "guidance", ("adm-cfg",))
+    card = _first_card(s, "guidance", ("adm-cfg",), family="diffusion")
     return [
         _endpoints(s, "guidance", card, "is_mean", True, "IS rises with w"),
         _u_shape(s, card),
@@ -656,29 +692,77 @@ CLAIMS: dict[str, tuple[str, ClaimFn]] = {
 # --------------------------------------------------------------------------- entry point
 
 
+def role_of(row: pd.Series) -> str | None:
+    """The ROLES entry a row's family and traits match (None for none)."""
+    for role, want in ROLES.items():
+        if all(str(row.get("family" if k == "family" else f"trait_{k}")) == v for k, v in want.items()):
+            return role
+    return None
+
+
+def _fill_legacy_traits(df: pd.DataFrame) -> pd.DataFrame:
+    """Runs recorded before cards declared traits (no trait_* values): their traits from the shipped card
+    of the same name, where one exists, so old trees keep their verdicts."""
+    from genbench import config
+    from genbench.errors import UserError
+
+    trait_cols = [c for c in df.columns if c.startswith("trait_")]
+    bare = df[trait_cols].isna().all(axis=1) if trait_cols else pd.Series(True, index=df.index)
+    for card in sorted(set(df.loc[bare, "card"].dropna().astype(str))):
+        try:
+            traits = config._read_yaml(config.shipped_dir("models") / f"{card}.yaml").get("traits") or {}
+        except UserError:
+            continue
+        sel = bare & (df["card"] == card)
+        for k, v in traits.items():
+            if f"trait_{k}" not in df.columns:
+                df[f"trait_{k}"] = pd.Series(dtype=object)
+            df.loc[sel, f"trait_{k}"] = v
+    return df
+
+
 def normalize(df: pd.DataFrame | None) -> pd.DataFrame:
-    """The columns the claims read, present whatever the tree held; family filled in from the card."""
+    """The columns the claims read, present whatever the tree held, and each row's role (ROLES) from its
+    family and traits (old runs without traits take them from the shipped card of their name)."""
     df = pd.DataFrame() if df is None else df.copy()
     for c in ("suite", "dataset", "card", "family", "seed", "status", "eval", "sweep_param", "sweep_value",
               "prov_extractor"):
         if c not in df.columns:
             df[c] = pd.Series(dtype=object)
-    df["family"] = df["family"].where(df["family"].notna(), df["card"].map(CARD_FAMILY))
+    df = _fill_legacy_traits(df)
+    df["role"] = [role_of(r) for _, r in df.iterrows()] if len(df) else pd.Series(dtype=object)
     df["eval"] = df["eval"].fillna("main")
     return df
 
 
+# What makes two numbers comparable in a claim: the same feature space (extractor name and weights
+# hash: a retrained classifier is another space) and the same number of samples (FID depends on n).
+SCOPE_KEYS = (("prov_extractor", "{}"), ("prov_extractor_sha256", "weights {:.8}"), ("prov_n_fake", "n_fake={}"))
+
+
 def scopes(df: pd.DataFrame) -> list[Scope]:
-    """One scope per suite + dataset, split further by extractor when a dataset was scored with several."""
+    """One scope per suite + dataset, split further wherever its rows differ in extractor, extractor
+    weights or n_fake; the scope's name says which."""
     out = []
     for (suite, dataset), g in df.groupby(["suite", "dataset"], dropna=False, sort=True):
-        extractors = g["prov_extractor"].dropna().unique()
-        if len(extractors) <= 1:
+        keys = [(c, fmt) for c, fmt in SCOPE_KEYS if c in g and g[c].nunique(dropna=True) > 1]
+        if not keys:
             out.append(Scope(f"{suite}/{dataset}", g))
             continue
-        for ex, h in g.groupby(g["prov_extractor"].fillna("none")):
-            out.append(Scope(f"{suite}/{dataset} [{ex}]", h))
+        cols = [c for c, _ in keys]
+        for vals, h in g.groupby([g[c].astype(str).where(g[c].notna(), "none") for c in cols], sort=True):
+            vals = vals if isinstance(vals, tuple) else (vals,)
+            tag = ", ".join(fmt.format(_fmt_num(v)) for (c, fmt), v in zip(keys, vals))
+            out.append(Scope(f"{suite}/{dataset} [{tag}]", h))
     return out
+
+
+def _fmt_num(v: str) -> str:
+    try:
+        f = float(v)
+        return str(int(f)) if f.is_integer() else v
+    except ValueError:
+        return v
 
 
 def evaluate_claims(df: pd.DataFrame | None) -> list[ClaimVerdict]:

@@ -193,10 +193,10 @@ def bench_cmd(suite_name, device, batch_sizes, batches, only, steps, bf16, chann
 def list_cmd():
     """Print the suites, model cards, datasets, metrics and feature extractors genbench knows."""
     from genbench import data
-    from genbench.config import CARDS_DIR, METRIC_GROUPS, SUITES_DIR, list_names
+    from genbench import metrics as registry
+    from genbench.config import list_names, metric_groups, search_dirs
     from genbench.evaluators import EXTRACTORS
     from genbench.families import families
-    from genbench.store import HIGHER_IS_BETTER
 
     def section(title, items):
         click.echo(f"{title}:")
@@ -204,7 +204,7 @@ def list_cmd():
             click.echo(f"  {it}")
 
     suites = []
-    for n in list_names(SUITES_DIR):
+    for n in list_names("suites"):
         try:
             from genbench.config import load_suite
 
@@ -214,7 +214,7 @@ def list_cmd():
             suites.append(f"{n:16s} (invalid: {e})")
     section("suites", suites)
     cards = []
-    for n in list_names(CARDS_DIR):
+    for n in list_names("models"):
         from genbench.config import load_card
 
         try:
@@ -226,9 +226,13 @@ def list_cmd():
     section("model cards", cards)
     section("families", sorted(families()))
     section("datasets", data.dataset_names())
-    section("metric groups (suite eval.metrics)", METRIC_GROUPS)
-    section("metrics (direction)", [f"{k:20s} {'higher' if v else 'lower'} is better"
-                                    for k, v in HIGHER_IS_BETTER.items()])
+    families()   # registers the families' declared metrics
+    section("metric groups (suite eval.metrics)", [f"{g:10s} {registry.GROUPS[g].description}"
+                                                   for g in metric_groups()])
+    section("metrics (direction, gate, computed from)",
+            [f"{k:20s} {'higher' if m.higher_is_better else 'lower' if m.higher_is_better is False else 'no direction':12s}"
+             f" {m.gate:6s} {m.source}" for k, m in registry.METRICS.items()])
+    section("search path (suites/, models/)", [str(d.parent) for d in search_dirs("suites")])
     section("feature extractors", [f"{k:18s} fid/kid/prc: {v.fid_layer}, is: {v.isc_layer}"
                                    for k, v in sorted(EXTRACTORS.items())])
 

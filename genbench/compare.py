@@ -1,20 +1,28 @@
 """`genbench compare BASELINE CURRENT`: the CI regression gate.
 
-Each side is a results tree or a summary file (summarize() below, written as JSON: a baseline can be
-a small committed file such as results/baselines/smoke.json instead of a whole tree). For every
-suite x dataset x card x evaluation (main, and each sweep point present in both) x metric, the
-current mean over seeds is checked against the baseline mean, in the metric's own direction, with a
-tolerance:
-  1. the suite file's `tolerances` mapping (absolute, per metric), when the suite name resolves;
-  2. else 2 x the baseline's standard deviation over seeds, when it has 2+ seeds and a nonzero spread;
-  3. else 10% of the baseline mean (DEFAULT_REL_TOL).
-`nfe` is gated exactly (any change fails: the sampler changed). Sampling speed and memory
-(img_per_s, ms_per_img, peak_mem_mb) depend on the machine: they are reported, never gated.
-A main-evaluation metric or a card the baseline has and the current lacks is a regression (a gate
-that passes when a metric silently disappears protects nothing); so is a lower share of completed
-runs, and a changed feature extractor (numbers from different extractors cannot be compared).
-Sweep points are compared only where both sides have them.
-Exit codes: 0 no regression, 1 regression, 2 unusable input (missing or malformed tree or summary).
+Each side is a results tree or a summary file (summarize() below, written as JSON: a baseline is a
+small committed file such as results/baselines/smoke.json). For every suite x dataset x card x
+evaluation point x metric of the baseline, the current mean over its seeds is checked against the
+baseline's, one-sided in the metric's harmful direction, within a band made from the baseline's
+measured spread over seeds:
+
+    band = t(1 - alpha, n - 1) * s * sqrt(1/n + 1/m)
+
+the prediction bound for the difference between the mean of m new seeds and the mean of the n
+baseline seeds when nothing changed (s: the baseline's std over seeds). One seed of a short CPU run is
+chaotic, and another machine's BLAS acts like another seed, so the band is what lets a clean machine
+pass. alpha = FWER / K for the K band checks (Bonferroni): an unchanged tree fails anywhere with
+chance at most FWER (1% by default), under normality. Then:
+  * a metric whose band is wider than the baseline mean itself (UNSTABLE_REL) cannot tell a value from
+    its double or from zero: reported as "unstable", not gated;
+  * a whole-number metric (modes covered) gets a band of at least 1; a suite's `tolerances` (stored in
+    each run's record at run time, never read from the suite file here) are floors under the band;
+  * with a one-seed baseline there is no spread: the floor, else 10% of the baseline value;
+  * NFE is gated exactly (the sampler changed); img/s, ms/img and memory depend on the machine and
+    are reported, never gated; metrics without a direction are left out.
+A main-point metric or a card the baseline has and the current lacks is a regression, as are a lower
+share of completed runs and a changed feature extractor. Other points are compared where both have
+them. Exit codes: 0 no regression, 1 regression, 2 unusable input (missing or malformed tree or summary).
 """
 from __future__ import annotations
 
@@ -25,22 +33,18 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from scipy import stats
 
+from genbench import metrics as registry
 from genbench import store
 from genbench.errors import UserError
 
 SUMMARY_FORMAT = "genbench-summary"
-SUMMARY_VERSION = 1
-DEFAULT_REL_TOL = 0.10
-SPREAD_K = 2.0          # tolerance = SPREAD_K x baseline std over seeds
-
-# Direction of every metric the gate reads: store.HIGHER_IS_BETTER, plus keys it has no direction for
-# (None: reported nowhere, not gated; e.g. the std of IS across splits is not a quality).
-DIRECTIONS: dict[str, bool | None] = {**store.HIGHER_IS_BETTER, "is_std": None, "kid_std": None,
-                                      "modes_total": None}
-INFO_ONLY = ("img_per_s", "ms_per_img", "peak_mem_mb")   # machine-dependent: reported, not gated
-EXACT = ("nfe",)                                          # deterministic: any change fails
-METRICS = tuple(m for m, d in DIRECTIONS.items() if d is not None)
+SUMMARY_VERSION = 2
+FWER = 0.01              # chance that an unchanged tree fails somewhere (all band checks together)
+UNSTABLE_REL = 1.0       # band / |baseline mean| above this: too unstable to gate
+SINGLE_SEED_REL = 0.10   # tolerance for a one-seed baseline without a floor
+FLOAT_NOISE_REL = 1e-6   # a zero spread still allows float noise
 
 
 class UnusableInput(UserError):
@@ -55,7 +59,7 @@ class CompareResult:
 
 def direction(metric: str) -> bool | None:
     """True if higher is better, False if lower is better, None if the metric has no direction."""
-    return DIRECTIONS.get(metric)
+    return registry.direction(metric)
 
 
 # --------------------------------------------------------------------------- summaries
@@ -81,28 +85,27 @@ def _value(v: Any) -> Any:
 
 
 def validate_tree(results_dir: Path) -> list[Path]:
-    """The run folders of a tree; UnusableInput when it is missing, empty or has a malformed metrics.json."""
+    """The run folders of a tree; UnusableInput when it is missing, empty or holds a malformed record
+    (a gate over a damaged tree must not pass by leaving a run out)."""
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise UnusableInput(f"{results_dir}: no such results folder")
     runs = store.find_runs(results_dir)
     if not runs:
         raise UnusableInput(f"{results_dir}: no runs (no <suite>/<dataset>/<card>/seed<k>/metrics.json)")
-    for r in runs:
-        try:
-            m = store.read_json(r / store.METRICS_FILE)
-        except (OSError, ValueError) as e:
-            raise UnusableInput(f"{r / store.METRICS_FILE}: not valid JSON ({e})") from None
-        if not isinstance(m, dict) or m.get("status") not in store.STATUSES:
-            raise UnusableInput(f"{r / store.METRICS_FILE}: no valid status (one of {', '.join(store.STATUSES)})")
-        if not isinstance(m.get("metrics", {}), dict):
-            raise UnusableInput(f"{r / store.METRICS_FILE}: 'metrics' is not a mapping")
+
+    def fail(msg: str):
+        raise UnusableInput(msg)
+
+    for _ in store.iter_records(results_dir, warn=fail):
+        pass
     return runs
 
 
 def summarize(results_dir: str | Path) -> dict:
-    """A results tree reduced to what the gate compares: mean, std and n of every metric over the seeds
-    of each suite x dataset x card x evaluation, and the run statuses. JSON-serializable."""
+    """A results tree reduced to what the gate compares: per suite x dataset x card x point x metric the
+    values over seeds (with mean, std, n), the extractor, the floors the suite set, and the run
+    statuses. JSON-serializable; nothing in it needs the suite file later."""
     validate_tree(Path(results_dir))
     df = store.load_results(Path(results_dir))
     entries: list[dict] = []
@@ -112,17 +115,23 @@ def summarize(results_dir: str | Path) -> dict:
         grouped = ok.assign(_sv=ok["sweep_value"].map(lambda v: json.dumps(_value(v)))).groupby(
             ["suite", "dataset", "card", "eval", "_sv"], dropna=False, sort=True)
         for _, g in grouped:
+            g = g.sort_values("seed")
             first = g.iloc[0]
             ident = {k: _plain(first[k]) for k in keys}
             ident["sweep_value"] = _value(first["sweep_value"])
-            for metric in METRICS:
-                if metric not in g:
+            floors = _floors(g)
+            for metric, m in registry.METRICS.items():
+                if metric not in g or m.higher_is_better is None:
                     continue
-                vals = pd.to_numeric(g[metric], errors="coerce").dropna()
+                sel = pd.to_numeric(g[metric], errors="coerce")
+                keep = sel.notna()
+                vals = sel[keep]
                 if vals.empty:
                     continue
                 entries.append({**ident, "metric": metric, "n": int(len(vals)), "mean": float(vals.mean()),
                                 "std": float(vals.std(ddof=1)) if len(vals) > 1 else None,
+                                "values": [float(v) for v in vals], "seeds": [int(s) for s in g["seed"][keep]],
+                                "floor": floors.get(metric),
                                 "extractor": _joined(g, "prov_extractor"),
                                 "extractor_sha256": _joined(g, "prov_extractor_sha256"),
                                 "device": _joined(g, "device")})
@@ -135,6 +144,16 @@ def summarize(results_dir: str | Path) -> dict:
                      "n_failed": int(st.get("failed", 0))})
     return {"format": SUMMARY_FORMAT, "version": SUMMARY_VERSION, "source": str(results_dir),
             "entries": entries, "runs": runs}
+
+
+def _floors(g: pd.DataFrame) -> dict[str, float]:
+    """The suite's absolute tolerances as its runs recorded them (the first run's; they share a suite)."""
+    if "gate_tolerances" not in g:
+        return {}
+    for tol in g["gate_tolerances"]:
+        if isinstance(tol, dict):
+            return {str(k): float(v) for k, v in tol.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {}
 
 
 def _joined(g: pd.DataFrame, col: str) -> str | None:
@@ -152,7 +171,8 @@ def write_summary(results_dir: str | Path, path: str | Path) -> Path:
 
 
 def load_summary(path: str | Path) -> dict:
-    """A summary file, checked; UnusableInput when it is not one."""
+    """A summary file, checked; UnusableInput when it is not one. Version-1 summaries (no per-seed
+    values, no floors) still load."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -167,8 +187,9 @@ def load_summary(path: str | Path) -> dict:
         raise UnusableInput(f"{path}: 'entries' and 'runs' must be lists")
     need = ("suite", "dataset", "card", "eval", "metric", "n", "mean")
     for i, e in enumerate(entries):
-        if not isinstance(e, dict) or any(k not in e for k in need) or not isinstance(e["mean"], (int, float)):
-            raise UnusableInput(f"{path}: entry {i} lacks one of {', '.join(need)} or has a non-numeric mean")
+        if not isinstance(e, dict) or any(k not in e for k in need) or not isinstance(e["mean"], (int, float)) \
+                or not isinstance(e["n"], int) or e["n"] < 1:
+            raise UnusableInput(f"{path}: entry {i} lacks one of {', '.join(need)} or has a non-numeric mean or n")
     for i, r in enumerate(runs):
         if not isinstance(r, dict) or any(k not in r for k in ("suite", "dataset", "card", "n_runs", "n_complete")):
             raise UnusableInput(f"{path}: runs entry {i} is malformed")
@@ -185,25 +206,48 @@ def load_side(path: str | Path) -> dict:
     return summarize(p) if p.is_dir() else load_summary(p)
 
 
+# --------------------------------------------------------------------------- the band
+
+
+def band(std: float, n_base: int, n_cur: int, alpha: float) -> float:
+    """One-sided prediction bound (level 1 - alpha) for mean(m new seeds) - mean(n baseline seeds)
+    when nothing changed, from the baseline's std over seeds s: t(1 - alpha, n - 1) s sqrt(1/n + 1/m)."""
+    if n_base < 2:
+        raise ValueError("a band needs at least 2 baseline seeds")
+    return float(stats.t.ppf(1 - alpha, n_base - 1)) * std * math.sqrt(1 / n_base + 1 / max(1, n_cur))
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    value: float | None       # None: not gated
+    how: str                  # shown in the table
+
+
+def tolerance(entry: dict, n_cur: int, alpha: float) -> Tolerance:
+    """How far the current mean may move in the harmful direction before the check fails."""
+    m = registry.get(entry["metric"])
+    if m is not None and m.gate == registry.EXACT:
+        return Tolerance(0.0, "exact")
+    floor = entry.get("floor")
+    floor = float(floor) if isinstance(floor, (int, float)) else 0.0
+    if m is not None and m.integer:
+        floor = max(floor, 1.0)
+    mean, n = float(entry["mean"]), int(entry.get("n") or 1)
+    std = entry.get("std")
+    if n < 2 or std is None:
+        if floor > 0:
+            return Tolerance(floor, "floor (1-seed baseline)")
+        return Tolerance(SINGLE_SEED_REL * abs(mean), f"{SINGLE_SEED_REL:.0%} (1-seed baseline)")
+    b = band(float(std), n, n_cur, alpha)
+    how = f"t-band n={n}, m={n_cur}"
+    if b > UNSTABLE_REL * abs(mean) and b > floor:
+        return Tolerance(None, f"unstable: band {b:.3g} > |mean|")
+    if floor > b:
+        b, how = floor, "floor"
+    return Tolerance(max(b, FLOAT_NOISE_REL * abs(mean)), how)
+
+
 # --------------------------------------------------------------------------- the gate
-
-
-def suite_tolerances(suite: str) -> dict[str, float]:
-    """The suite file's absolute per-metric tolerances; {} when the suite does not resolve."""
-    from genbench import config
-
-    try:
-        tol = config.load_suite(suite).tolerances
-    except Exception:  # noqa: BLE001 - an unknown or broken suite only loses its tolerances
-        try:  # the suite's cards may not load here (e.g. a family not installed): read the YAML alone
-            import yaml
-
-            tol = (yaml.safe_load((config.SUITES_DIR / f"{suite}.yaml").read_text()) or {}).get("tolerances", {})
-        except Exception:  # noqa: BLE001
-            tol = {}
-    if not isinstance(tol, dict):
-        return {}
-    return {str(k): float(v) for k, v in tol.items() if isinstance(v, (int, float))}
 
 
 def _key(e: dict) -> tuple:
@@ -222,33 +266,30 @@ def _eval_name(e: dict) -> str:
     return f"{e['eval']} ({e['sweep_param']}={e.get('sweep_value')})"
 
 
-def _tolerance(metric: str, base: dict, suite_tol: dict) -> tuple[float, str]:
-    if metric in EXACT:
-        return 0.0, "exact"
-    if metric in suite_tol:
-        return suite_tol[metric], "suite"
-    std = base.get("std") or 0.0
-    if base.get("n", 0) >= 2 and std > 1e-9 * max(1.0, abs(base["mean"])):   # not float noise
-        return SPREAD_K * std, f"{SPREAD_K:g}σ base"
-    return DEFAULT_REL_TOL * abs(base["mean"]), f"{DEFAULT_REL_TOL:.0%} default"
+def _gated(e: dict) -> bool:
+    m = registry.get(e["metric"])
+    return m is not None and m.higher_is_better is not None and m.gate == registry.BAND
 
 
-def gate(baseline: dict, current: dict) -> tuple[list[dict], int]:
+def gate(baseline: dict, current: dict, fwer: float = FWER) -> tuple[list[dict], int]:
     """Rows of the comparison table and the number of regressions."""
+    if not 0 < fwer < 1:
+        raise UserError(f"the false-alarm rate must be in (0, 1), got {fwer}")
     cur = {_key(e): e for e in current["entries"]}
-    tol_cache: dict[str, dict] = {}
+    n_band = sum(1 for b in baseline["entries"] if _gated(b) and (b.get("n") or 1) >= 2 and _key(b) in cur)
+    alpha = fwer / max(1, n_band)
     rows: list[dict] = []
     for b in sorted(baseline["entries"], key=_key):
         metric = b["metric"]
+        m = registry.get(metric)
         higher = direction(metric)
         if higher is None:
             continue
-        info = metric in INFO_ONLY
+        info = m.gate == registry.INFO
         row = {"suite": b["suite"], "dataset": b["dataset"], "card": b["card"], "eval": _eval_name(b),
                "metric": metric, "dir": "↑" if higher else "↓", "baseline": _fmt(b["mean"]) + _n(b)}
         c = cur.get(_key(b))
         if c is None:
-            # sweeps are compared only where both sides ran them; a missing main metric fails
             gated = not info and b["eval"] == "main"
             rows.append({**row, "current": "missing", "delta": "–", "tol": "–",
                          "status": "REGRESSION: missing" if gated else "missing (not gated)"})
@@ -258,19 +299,23 @@ def gate(baseline: dict, current: dict) -> tuple[list[dict], int]:
                 b["extractor_sha256"] != c["extractor_sha256"]:
             rows.append({**row, "tol": "–", "status": "REGRESSION: extractor changed"})
             continue
-        if b["suite"] not in tol_cache:
-            tol_cache[b["suite"]] = suite_tolerances(b["suite"])
-        tol, source = _tolerance(metric, b, tol_cache[b["suite"]])
         worse = (b["mean"] - c["mean"]) if higher else (c["mean"] - b["mean"])   # > 0: current is worse
-        row["tol"] = f"{_fmt(tol)} ({source})"
-        if metric in EXACT:
+        if info:
+            rows.append({**row, "tol": "not gated (machine-dependent)",
+                         "status": "worse (not gated)" if worse > 0 else "ok (not gated)"})
+            continue
+        tol = tolerance(b, int(c.get("n") or 1), alpha)
+        if m.gate == registry.EXACT:
             status = "ok" if c["mean"] == b["mean"] else "REGRESSION: changed"
-        elif worse > tol:
-            status = "worse (not gated)" if info else "REGRESSION"
-        elif -worse > tol:
+        elif tol.value is None:
+            status = "unstable (not gated)"
+        elif worse > tol.value:
+            status = "REGRESSION"
+        elif -worse > tol.value:
             status = "better"
         else:
             status = "ok"
+        row["tol"] = tol.how if tol.value is None else f"{_fmt(tol.value)} ({tol.how})"
         rows.append({**row, "status": status})
     cur_runs = {(r["suite"], r["dataset"], r["card"]): r for r in current.get("runs", [])}
     for b in sorted(baseline.get("runs", []), key=lambda r: (r["suite"], r["dataset"], r["card"])):
@@ -298,12 +343,14 @@ COLUMNS = [("suite", "suite"), ("dataset", "dataset"), ("card", "card"), ("eval"
            ("tol", "tolerance"), ("status", "status")]
 
 
-def render(rows: list[dict], n_reg: int, baseline: str, current: str, n_new: int) -> str:
+def render(rows: list[dict], n_reg: int, baseline: str, current: str, n_new: int, fwer: float = FWER) -> str:
     head = "**Regression**" if n_reg else "**No regression**"
+    n_unstable = sum(r["status"].startswith("unstable") for r in rows)
     lines = ["## genbench compare", "",
              f"baseline `{baseline}` · current `{current}`", "",
-             f"{head}: {n_reg} of {len(rows)} checks failed." + (f" {n_new} entries of the current results "
-                                                                  "are not in the baseline (not gated)." if n_new else ""),
+             f"{head}: {n_reg} of {len(rows)} checks failed." +
+             (f" {n_unstable} too unstable to gate (reported)." if n_unstable else "") +
+             (f" {n_new} entries of the current results are not in the baseline (not gated)." if n_new else ""),
              ""]
     if rows:
         order = sorted(rows, key=lambda r: not r["status"].startswith("REGRESSION"))
@@ -312,19 +359,22 @@ def render(rows: list[dict], n_reg: int, baseline: str, current: str, n_new: int
         for r in order:
             lines.append("| " + " | ".join(str(r.get(k, "")).replace("|", "\\|") for k, _ in COLUMNS) + " |")
         lines.append("")
-    lines += [f"Tolerances: the suite file's `tolerances` (absolute) where set, else {SPREAD_K:g} × the baseline's "
-              f"std over seeds, else {DEFAULT_REL_TOL:.0%} of the baseline mean; `nfe` must match exactly; "
-              f"{', '.join(INFO_ONLY)} are machine-dependent and not gated. Means are over complete runs."]
+    lines += [f"Tolerance: the one-sided band t(1 - α, n - 1) · s · √(1/n + 1/m) from the baseline's spread over "
+              f"its n seeds (s) for the mean of the current m seeds, α = {fwer:g} / the number of band checks "
+              f"(Bonferroni: an unchanged tree fails anywhere with chance ≤ {fwer:g}); a band wider than the "
+              f"baseline mean is too unstable to gate; the suite's tolerances are floors (1 for whole numbers); "
+              f"a one-seed baseline uses its floor or {SINGLE_SEED_REL:.0%}. NFE must match exactly; img/s, "
+              f"ms/img and memory are machine-dependent and not gated. Means are over complete runs."]
     return "\n".join(lines) + "\n"
 
 
-def compare(baseline: str | Path, current: str | Path) -> CompareResult:
+def compare(baseline: str | Path, current: str | Path, fwer: float = FWER) -> CompareResult:
     """Gate `current` against `baseline`; never raises for bad input (exit code 2 with a message)."""
     try:
         b = load_side(baseline)
         c = load_side(current)
     except UnusableInput as e:
         return CompareResult(2, f"## genbench compare\n\n**Unusable input**: {e}\n")
-    rows, n_reg = gate(b, c)
+    rows, n_reg = gate(b, c, fwer)
     n_new = len({_key(e) for e in c["entries"]} - {_key(e) for e in b["entries"]})
-    return CompareResult(1 if n_reg else 0, render(rows, n_reg, str(baseline), str(current), n_new))
+    return CompareResult(1 if n_reg else 0, render(rows, n_reg, str(baseline), str(current), n_new, fwer))

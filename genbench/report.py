@@ -24,23 +24,29 @@ from scipy import stats
 from genbench import claims as claims_mod
 from genbench import store
 from genbench.anchors import ANCHORS, CLAIM_ANCHORS
+from genbench import metrics as registry
 from genbench.compare import direction
 
-# Columns of the per-suite table, in order, with their display names.
-QUALITY = ["fid", "is_mean", "kid_mean", "precision", "recall", "f_score", "modes_covered", "mode_kl",
-           "high_quality_frac", "nll_bpd", "recon_mse", "codebook_perplexity", "codebook_usage",
-           "prior_bits_per_code"]
-SAMPLING = ["nfe", "img_per_s", "ms_per_img", "peak_mem_mb"]
-# Computed in a feature extractor's space: never two extractors in one column.
-FEATURE_METRICS = {"fid", "is_mean", "kid_mean", "precision", "recall", "f_score", "modes_covered", "mode_kl",
-                   "high_quality_frac"}
-DEVICE_METRICS = {"img_per_s", "ms_per_img", "peak_mem_mb"}   # measured on one device: never two in a column
-LABELS = {"fid": "FID", "is_mean": "IS", "kid_mean": "KID", "precision": "precision", "recall": "recall",
-          "f_score": "F-score", "modes_covered": "modes covered", "mode_kl": "mode KL",
-          "high_quality_frac": "high-quality share", "nll_bpd": "NLL bits/dim", "recon_mse": "recon MSE",
-          "codebook_perplexity": "codebook perplexity", "codebook_usage": "codebook usage",
-          "prior_bits_per_code": "prior bits/code", "nfe": "NFE", "img_per_s": "img/s", "ms_per_img": "ms/img",
-          "peak_mem_mb": "peak MB"}
+# Columns, labels and directions come from the metric registry (genbench/metrics.py): a registered
+# metric, a family's declared one included, gets its column without a change here.
+
+
+def _feature(m: str) -> bool:
+    """Computed in a feature extractor's space: never two extractors in one column."""
+    met = registry.get(m)
+    return met is not None and met.feature_space
+
+
+def _device(m: str) -> bool:
+    """Measured on one device: never two in a column."""
+    met = registry.get(m)
+    return met is not None and met.device_bound
+
+
+def _label(m: str) -> str:
+    return registry.label(m)
+
+
 COLLAPSE_DROP = 0.2   # a collapse event: modes_covered falls below (1 - 0.2) x its running maximum
 PLOT_DPI = 90
 VERDICT_COLORS = {"supported": "#1a7f37", "contradicted": "#cf222e", "inconclusive": "#9a6700",
@@ -187,20 +193,12 @@ class Run:
     path: Path
 
 
-def read_runs(results: Path) -> list[Run]:
-    """Every run folder with a readable metrics.json (unreadable ones are skipped, as the store does)."""
-    out = []
+def read_runs(results: Path, warn=None) -> list[Run]:
+    """Every run folder with a readable record; each unreadable or malformed one is named through `warn`."""
     if not Path(results).is_dir():
-        return out
-    for rdir in store.find_runs(results):
-        try:
-            m = store.read_json(rdir / store.METRICS_FILE)
-            out.append(Run(str(m.get("suite", rdir.parts[-4])), str(m.get("dataset", rdir.parts[-3])),
-                           str(m.get("card", rdir.parts[-2])), m.get("family"),
-                           int(m.get("seed", rdir.name.removeprefix("seed"))), str(m.get("status")), rdir))
-        except (OSError, ValueError, TypeError, IndexError):
-            continue
-    return out
+        return []
+    return [Run(rec.suite, rec.dataset, rec.card, rec.family, rec.seed, rec.status, rdir)
+            for rdir, rec in store.iter_records(results, warn)]
 
 
 def _read_csv(path: Path) -> pd.DataFrame | None:
@@ -290,11 +288,11 @@ def plot_scope(pl: Plotter, tag: str, rows: pd.DataFrame, curves: pd.DataFrame, 
     space = f" [{extractors[0]}]" if len(extractors) == 1 else ""
 
     def label(m: str) -> str:
-        return LABELS.get(m, m) + _arrow(m) + (space if m in FEATURE_METRICS else "")
+        return _label(m) + _arrow(m) + (space if _feature(m) else "")
 
     if not curves.empty and quality in curves and _numeric(curves[quality]).size:
         any_plot = True
-        pl(f"{tag}_curves_{quality}", f"{LABELS.get(quality, quality)} against kimg (band: ± 1 std over seeds)",
+        pl(f"{tag}_curves_{quality}", f"{_label(quality)} against kimg (band: ± 1 std over seeds)",
            lambda ax: (sns.lineplot(data=curves, x="kimg", y=quality, hue="card", errorbar="sd", ax=ax),
                        ax.set_ylabel(label(quality))))
     if not curves.empty and "modes_covered" in curves and _numeric(curves["modes_covered"]).size:
@@ -329,9 +327,9 @@ def plot_scope(pl: Plotter, tag: str, rows: pd.DataFrame, curves: pd.DataFrame, 
                     if len(front):
                         ax.plot(front[x], front[quality], "k--", lw=1, label="Pareto front")
                     ax.set_xscale("log")
-                    ax.set_xlabel(LABELS[x] + " (log)")
+                    ax.set_xlabel(_label(x) + " (log)")
                     ax.set_ylabel(label(quality))
-            pl(f"{tag}_pareto", f"{LABELS.get(quality, quality)} against sampling cost (main and sweep points, "
+            pl(f"{tag}_pareto", f"{_label(quality)} against sampling cost (main and sweep points, "
                                 "mean over seeds; dashed: Pareto front)", draw_cost, ncols=len(axes_x))
 
     steps = ok[(ok["sweep_param"] == "steps")] if quality in ok else ok.iloc[0:0]
@@ -343,7 +341,7 @@ def plot_scope(pl: Plotter, tag: str, rows: pd.DataFrame, curves: pd.DataFrame, 
             sns.lineplot(data=st, x="steps", y=quality, hue="card", style="eval", markers=True, errorbar="sd", ax=ax)
             ax.set_xscale("log")
             ax.set_ylabel(label(quality))
-        pl(f"{tag}_steps", f"{LABELS.get(quality, quality)} against sampling steps (band: ± 1 std over seeds)",
+        pl(f"{tag}_steps", f"{_label(quality)} against sampling steps (band: ± 1 std over seeds)",
            draw_steps)
 
     for param in ("guidance", "classifier_scale"):
@@ -405,19 +403,19 @@ def results_table(doc: Doc, rows: pd.DataFrame) -> None:
     main = rows[rows["eval"] == "main"]
     ok = main[main["status"] == "complete"]
     cols: list[tuple[str, str | None, str | None]] = []   # (metric, extractor, device)
-    for m in QUALITY + SAMPLING:
+    for m in registry.quality_metrics() + registry.sampling_metrics():
         if m not in ok or not _numeric(ok[m]).size:
             continue
-        if m in FEATURE_METRICS:
+        if _feature(m):
             for ex in sorted(set(_col(ok, "prov_extractor").dropna().astype(str))) or ["?"]:
                 cols.append((m, ex, None))
-        elif m in DEVICE_METRICS:
+        elif _device(m):
             for dv in sorted(set(_col(ok, "device").fillna("?").astype(str))):
                 cols.append((m, None, dv))
         else:
             cols.append((m, None, None))
     headers = ["card", "family", "runs"] + [
-        LABELS.get(m, m) + _arrow(m) + (f" [{ex}]" if ex else "") + (f" [{dv}]" if dv else "") for m, ex, dv in cols]
+        _label(m) + _arrow(m) + (f" [{ex}]" if ex else "") + (f" [{dv}]" if dv else "") for m, ex, dv in cols]
     body = []
     for card, g in main.groupby("card", sort=True):
         st = g["status"].value_counts()
@@ -453,7 +451,7 @@ def sweep_table(doc: Doc, rows: pd.DataFrame) -> None:
         body.append([str(card), str(ev), f"{g['sweep_param'].iloc[0]}={sv}"] + [mean_cell(g[m]) for m in ms])
     order = sorted(range(len(body)), key=lambda i: (body[i][0], body[i][1], _sort_num(body[i][2])))
     doc.h(4, "Sweeps")
-    doc.table(["card", "sweep", "point"] + [LABELS[m] + _arrow(m) for m in ms], [body[i] for i in order])
+    doc.table(["card", "sweep", "point"] + [_label(m) + _arrow(m) for m in ms], [body[i] for i in order])
 
 
 def _sort_num(point: str) -> tuple:
@@ -487,7 +485,7 @@ def stability_table(doc: Doc, rows: pd.DataFrame, curves: pd.DataFrame, quality:
                 hit = [f"seed{s}: {n}" for s, n in per_seed.items() if n]
                 ev_txt = f"{sum(per_seed.values())}" + (f" ({', '.join(hit)})" if hit else "")
         body.append([str(card), div_txt, str(int((g["status"] == "failed").sum())), spread, ev_txt])
-    doc.table(["card", "diverged", "failed", f"std of final {LABELS.get(quality, quality)} over seeds",
+    doc.table(["card", "diverged", "failed", f"std of final {_label(quality)} over seeds",
                "collapse events"], body)
     doc.p(f"A collapse event: modes_covered in curves.csv falls below {1 - COLLAPSE_DROP:.0%} of its running "
           "maximum (counted once until it recovers).")
@@ -550,17 +548,24 @@ def _quality(rows: pd.DataFrame) -> str:
     return "fid"
 
 
-def build(results_dir: Path, out_dir: Path) -> Doc:
+def build(results_dir: Path, out_dir: Path, warn=lambda line: None) -> Doc:
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     plots = out_dir / "plots"
     doc = Doc()
-    df = claims_mod.normalize(store.load_results(results_dir) if results_dir.is_dir() else None)
-    runs = read_runs(results_dir)
+    problems: list[str] = []
+    records = list(store.iter_records(results_dir, problems.append)) if results_dir.is_dir() else []
+    for line in problems:
+        warn(line)
+    df = claims_mod.normalize(store.frame(rec for _, rec in records))
+    runs = [Run(rec.suite, rec.dataset, rec.card, rec.family, rec.seed, rec.status, rdir) for rdir, rec in records]
     doc.h(1, "genbench report")
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     main = df[df["eval"] == "main"]
     counts = ", ".join(f"{n} {s}" for s, n in main["status"].value_counts().items()) or "none"
     doc.p(f"Results from `{results_dir}`, {len(main)} runs ({counts}); generated {stamp}.")
+    if problems:
+        doc.p(f"{len(problems)} run record(s) could not be read and are left out:")
+        doc.ul(problems)
     if main.empty:
         doc.p("No runs found: nothing under the results folder has a metrics.json. Run `genbench run --suite NAME` first.")
 
@@ -607,7 +612,7 @@ def build(results_dir: Path, out_dir: Path) -> Doc:
     return doc
 
 
-def write_report(results_dir: Path, out_dir: Path) -> Path:
+def write_report(results_dir: Path, out_dir: Path, warn=lambda line: None) -> Path:
     """Write report.md, report.html and plots/*.png under out_dir; return the report.md path."""
     out_dir = Path(out_dir)
     plots = out_dir / "plots"
@@ -618,7 +623,7 @@ def write_report(results_dir: Path, out_dir: Path) -> Path:
     import matplotlib
 
     with matplotlib.rc_context():
-        doc = build(Path(results_dir), out_dir)
+        doc = build(Path(results_dir), out_dir, warn)
     md = out_dir / "report.md"
     store.atomic_write_bytes(md, doc.markdown(out_dir).encode())
     store.atomic_write_bytes(out_dir / "report.html", doc.html("genbench report").encode())

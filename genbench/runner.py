@@ -1,12 +1,17 @@
 """Running a suite: for each dataset x card x seed, train -> evaluate -> sweeps -> store.
 
-Checks that can fail on user input (cards, datasets, extractor weights, sweep options) all run
-before the first training step. A finished run is skipped; a diverged run is recorded and the suite
-goes on; a crashed run is recorded as `failed` (with its error) and retried on the next invocation.
+Everything that can fail on user input is checked by `plan` before the first training step, and by
+`--dry-run` the same way: every value of the suite and its cards, each card's params bound against its
+family (the model is built on the meta device), every sampler option and value (steps <= T), the data,
+the extractor weights and the results folder; missing inputs are reported all at once. A finished run
+is skipped (its model.pt checked against the size and hash in its record; a run whose settings differ
+from the plan is named, and redone with --rerun); a diverged run is recorded and the suite goes on; a
+crashed run is recorded as `failed` (with its error) and retried on the next invocation.
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import io
 import multiprocessing
 import os
@@ -17,19 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from genbench import data as gdata
 from genbench import store
 from genbench.config import Card, Suite, suite_cards, to_dict
 from genbench.errors import UserError
-from genbench.evaluate import (Extractor, Reference, build_extractor, evaluate_samples, likelihood_metrics,
-                               provenance, reference_features)
+from genbench.evaluation import PointSettings, evaluate_point
 from genbench.evaluators import auto_extractor, check_extractor
 from genbench.families import get_family
-from genbench.families.base import DataSpec
+from genbench.families.base import DataSpec, GenerativeModel
 from genbench.fastpath import FastPath, prepare
-from genbench.timing import SamplingTimer
+from genbench.record import EvalPoint, RunRecord
+from genbench.scoring import Extractor, Reference, build_extractor, likelihood_metrics, provenance, reference_features
 from genbench.train import train
 
 
@@ -39,6 +43,7 @@ class RunOptions:
     data_root: Path | None = None
     device: str = "auto"
     seeds: int | None = None          # overrides the suite's seed count
+    first_seed: int = 0               # seeds first_seed .. first_seed + seeds - 1
     only: tuple[str, ...] = ()
     inception_weights: str | None = None
     download: bool = False
@@ -49,15 +54,18 @@ class RunOptions:
     fast: FastPath = FastPath()       # sampling fast path (bf16, channels_last on CUDA; compile opt-in)
     train_bf16: bool = True           # bf16 autocast in the training steps (CUDA only)
     feature_cache: bool = True        # reference features cached under results_dir/.cache
+    rerun: bool = False               # redo finished runs whose settings differ from this plan
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UserError(f"--device: {name!r} is not one of auto, cpu, cuda")
+    if name not in ("cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise UserError(f"--device: {name!r} is not one of auto, cpu, cuda, cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(name)
 
 
@@ -69,12 +77,16 @@ class Plan:
     device: torch.device
     extractors: dict[str, str | None]   # dataset name -> extractor name (None for point sets)
     opts: RunOptions
+    specs: dict[str, DataSpec] = dataclasses.field(default_factory=dict)   # dataset name -> what models are built for
 
     def runs(self):
         for ds in self.suite.datasets:
             for card in self.cards:
                 for seed in self.seeds:
                     yield ds, card, seed
+
+    def run_dir(self, ds, card: Card, seed: int) -> Path:
+        return store.run_dir(self.opts.results_dir, self.suite.name, ds.name, card.name, seed)
 
     @property
     def budget_kimg(self) -> float:
@@ -89,12 +101,18 @@ class Plan:
         """Whether training autocasts to bf16: asked for (the default) and on CUDA."""
         return self.opts.train_bf16 and self.device.type == "cuda"
 
+    def settings(self, ds, card: Card) -> dict:
+        """What a finished run must have been made with to count as this plan's run."""
+        return {"budget_kimg": self.budget_kimg, "suite_version": self.suite.version,
+                "card": {k: to_dict(getattr(card, k)) for k in ("family", "params", "sampler", "batch_size", "ema")},
+                "dataset": to_dict(ds), "eval": to_dict(self.suite.eval)}
+
     def describe(self) -> dict:
         return {"suite": to_dict(self.suite), "cards": [to_dict(c) for c in self.cards], "seeds": self.seeds,
                 "device": str(self.device), "budget_kimg": self.budget_kimg, "train_bf16": self.train_bf16,
                 "feature_cache": str(self.feature_cache_dir) if self.feature_cache_dir else None,
                 "fast_path": self.opts.fast.describe(self.device), "extractors": self.extractors,
-                "results_dir": str(self.opts.results_dir), "jobs": effective_jobs(self),
+                "results_dir": str(self.opts.results_dir), "jobs": effective_jobs(self), "rerun": self.opts.rerun,
                 "runs": [f"{ds.name}/{c.name}/seed{s}" for ds, c, s in self.runs()]}
 
 
@@ -102,7 +120,8 @@ def _sweep_points(suite: Suite, card: Card) -> list[tuple[str, str, object, dict
     family = get_family(card.family)
     points = []
     for sw in suite.sweeps:
-        if sw.cards and card.name not in sw.cards:
+        if sw.cards and card.name not in sw.cards and not any(c.endswith((".yaml", ".yml")) and
+                                                              Path(c).stem == card.name for c in sw.cards):
             continue
         if not sw.cards and sw.param not in family.sampler_options:
             continue
@@ -111,17 +130,24 @@ def _sweep_points(suite: Suite, card: Card) -> list[tuple[str, str, object, dict
     return points
 
 
-def plan(suite: Suite, opts: RunOptions) -> Plan:
-    """Resolve everything a run needs and fail on bad input now, not an hour in."""
+def plan(suite: Suite, opts: RunOptions, check_inputs: bool = True) -> Plan:
+    """Resolve everything a run needs and fail on bad input now, not an hour in. Every missing input
+    (dataset files, extractor weights) is named in one error."""
     device = resolve_device(opts.device)
     cards = suite_cards(suite, opts.only)
+    if not cards:
+        raise UserError("--only selects no card")
     n_seeds = opts.seeds if opts.seeds is not None else suite.seeds
-    if n_seeds < 1:
-        raise UserError("--seeds must be at least 1")
-    if opts.jobs is not None and opts.jobs < 1:
-        raise UserError("--jobs must be at least 1")
-    if opts.budget_kimg is not None and not opts.budget_kimg > 0:   # `not >` also refuses nan
-        raise UserError(f"--budget-kimg must be positive, got {opts.budget_kimg}")
+    if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or not 1 <= n_seeds <= 100_000:
+        raise UserError(f"--seeds must be a whole number in [1, 100000], got {n_seeds!r}")
+    if isinstance(opts.first_seed, bool) or not isinstance(opts.first_seed, int) or \
+            not 0 <= opts.first_seed <= 2**31 - 1 - n_seeds:
+        raise UserError(f"--first-seed must be a whole number in [0, {2**31 - 1 - n_seeds}], got {opts.first_seed!r}")
+    if opts.jobs is not None and (isinstance(opts.jobs, bool) or not isinstance(opts.jobs, int) or opts.jobs < 1):
+        raise UserError(f"--jobs must be a whole number of at least 1, got {opts.jobs!r}")
+    if opts.budget_kimg is not None and not (opts.budget_kimg > 0 and opts.budget_kimg != float("inf")):
+        raise UserError(f"--budget-kimg must be positive and finite, got {opts.budget_kimg}")
+    missing: list[str] = []
     extractors: dict[str, str | None] = {}
     for ds in suite.datasets:
         gdata.check_name(ds.name)
@@ -130,24 +156,88 @@ def plan(suite: Suite, opts: RunOptions) -> Plan:
             continue
         name = opts.extractor or (suite.eval.extractor if suite.eval.extractor != "auto"
                                   else auto_extractor(ds.name))
-        check_extractor(name, inception_weights=opts.inception_weights, download=opts.download)
+        try:
+            check_extractor(name, inception_weights=opts.inception_weights, download=opts.download)
+        except UserError as e:
+            if not check_inputs or "unknown extractor" in str(e):
+                raise
+            missing.append(str(e))
         extractors[ds.name] = name
-    for card in cards:
-        fam = get_family(card.family)
-        bad = [k for k in card.sampler if fam.sampler_options and k not in fam.sampler_options]
-        for _, param, _, sampler in _sweep_points(suite, card):
-            bad += [k for k in sampler if fam.sampler_options and k not in fam.sampler_options]
-        if bad:
-            raise UserError(f"card {card.name!r}: sampler option {bad[0]!r} is not one of "
-                            f"{', '.join(fam.sampler_options)}")
-    return Plan(suite, cards, list(range(n_seeds)), device, extractors, opts)
+    p = Plan(suite, cards, list(range(opts.first_seed, opts.first_seed + n_seeds)), device, extractors, opts)
+    if check_inputs:
+        missing += check_data(p)
+        if missing:
+            raise UserError("missing inputs: " + " | ".join(missing))
+        check_models(p)
+        store.check_writable_dir(opts.results_dir, "--results-dir")
+        for ds, card, seed in p.runs():   # every run folder name is checked before the first one is made
+            p.run_dir(ds, card, seed)
+    return p
 
 
-def check_data(p: Plan) -> None:
-    """Load each dataset's train and reference split once, so missing data fails before training."""
+def check_data(p: Plan) -> list[str]:
+    """Load each dataset's train and reference split once; the problems, one line each."""
+    problems = []
     for ds in p.suite.datasets:
-        for split in {"train", "test", p.suite.eval.ref_split}:   # run_one reads all three
-            _load(ds, split, p.opts)
+        for split in sorted({"train", "test", p.suite.eval.ref_split}):   # run_one reads all three
+            try:
+                d = _load(ds, split, p.opts)
+            except UserError as e:
+                if str(e) not in problems:
+                    problems.append(str(e))
+                continue
+            if len(d) == 0:
+                problems.append(f"dataset {ds.name!r} split {split!r} holds no examples")
+            elif split == "train":
+                p.specs[ds.name] = d.spec
+    return problems
+
+
+def build_model(card: Card, spec: DataSpec, device: torch.device | str = "cpu") -> GenerativeModel:
+    """Family(spec, **card.params) on `device`; a parameter the family does not take, or a value it refuses,
+    is a UserError naming the card."""
+    fam = get_family(card.family)
+    try:
+        inspect.signature(fam).bind(spec, **card.params)
+    except TypeError as e:
+        raise UserError(f"{card.path}: params: {e} (family {card.family!r})") from None
+    try:
+        return fam(spec, **card.params).to(device)
+    except (ValueError, TypeError, KeyError, AssertionError) as e:
+        raise UserError(f"{card.path}: params: {type(e).__name__}: {e}") from None
+
+
+def _meta_model(card: Card, spec: DataSpec) -> GenerativeModel:
+    """The card's model without allocating its weights (meta device); on the CPU where a family's
+    constructor needs real numbers."""
+    try:
+        with torch.device("meta"):
+            return build_model(card, spec, "meta")
+    except UserError:
+        raise
+    except (RuntimeError, NotImplementedError):
+        return build_model(card, spec, "cpu")
+
+
+def check_models(p: Plan) -> None:
+    """Every card builds on every dataset's shape and takes its main and sweep sampler settings."""
+    for ds in p.suite.datasets:
+        spec = p.specs.get(ds.name)
+        if spec is None:
+            continue
+        for card in p.cards:
+            model = _meta_model(card, spec)
+            fam = type(model)
+            for name, _, _, sampler in [("main", None, None, card.sampler), *_sweep_points(p.suite, card)]:
+                bad = [k for k in sampler if fam.sampler_options and k not in fam.sampler_options]
+                if bad:
+                    raise UserError(f"card {card.name!r}: sampler option {bad[0]!r} is not one of "
+                                    f"{', '.join(fam.sampler_options)}")
+                try:
+                    model.nfe(**sampler)
+                except (ValueError, TypeError) as e:
+                    where = "its sampler" if name == "main" else f"sweep {name!r}"
+                    raise UserError(f"card {card.name!r} on {ds.name}: {where}: {e}") from None
 
 
 _DATA_CACHE: dict = {}
@@ -163,22 +253,64 @@ def _load(ds, split: str, opts: RunOptions, seed: int = 0) -> gdata.Data:
     return _DATA_CACHE[key]
 
 
+# --------------------------------------------------------------------------- finished runs
+
+
+def finished_state(p: Plan, ds, card: Card, seed: int) -> tuple[str, str | None]:
+    """("todo" | "skip" | "stale", the line to log): whether a run folder already holds this run."""
+    rdir = p.run_dir(ds, card, seed)
+    rec = store.try_read_record(rdir)
+    if rec is None or not rec.finished:
+        return "todo", None
+    if rec.status == "complete":
+        problem = store.model_problem(rdir, rec)
+        if problem is not None:
+            return "stale", f"{problem}: the run is redone"
+    want = p.settings(ds, card)
+    have = getattr(rec, "settings", None) or {"budget_kimg": (rec.training or {}).get("budget_kimg"),
+                                              "suite_version": rec.suite_version}
+    diff = [k for k in want if k in have and have[k] != want[k]]
+    if diff:
+        what = ", ".join(f"{k} {_short(have[k])} (now {_short(want[k])})" for k in diff)
+        if p.opts.rerun:
+            return "stale", f"made with {what}: redone (--rerun)"
+        return "skip", f"finished earlier with {what}; kept (--rerun redoes it)"
+    return "skip", None
+
+
+def _short(v) -> str:
+    s = str(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _set_aside_run(rdir: Path) -> Path:
+    """Move a finished run's folder out of the way (kept for a look; never found as a run again)."""
+    n = 1
+    while (dest := rdir.parent / f".replaced-{rdir.name}-{n}").exists():
+        n += 1
+    os.replace(rdir, dest)
+    return dest
+
+
 def run_suite(p: Plan, log=print) -> dict[str, int]:
     """Run every planned run; returns counts by outcome (complete, diverged, failed, skipped).
 
     With more than one job, runs go to worker processes (spawned, so no thread pool is forked), each
     with an even share of the CPU threads; finished-run lines are logged as runs end."""
     counts = {"complete": 0, "diverged": 0, "failed": 0, "skipped": 0}
-    check_data(p)
     runs = list(p.runs())
     todo = []
     for i, (ds, card, seed) in enumerate(runs, 1):
         tag = f"[{i}/{len(runs)}] {p.suite.name}/{ds.name}/{card.name}/seed{seed}"
-        if store.is_finished(store.run_dir(p.opts.results_dir, p.suite.name, ds.name, card.name, seed)):
+        state, line = finished_state(p, ds, card, seed)
+        if state == "skip":
             counts["skipped"] += 1
-            log(f"{tag}: finished earlier, skipped")
-        else:
-            todo.append((ds, card, seed, tag))
+            log(f"{tag}: {line or 'finished earlier, skipped'}")
+            continue
+        if state == "stale":
+            moved = _set_aside_run(p.run_dir(ds, card, seed))
+            log(f"{tag}: {line}; the old folder is now {moved.name}")
+        todo.append((ds, card, seed, tag))
     jobs = min(effective_jobs(p), len(todo)) if todo else 1
     if jobs <= 1:
         for ds, card, seed, tag in todo:
@@ -216,26 +348,39 @@ def effective_jobs(p: Plan) -> int:
 _EXTRACTORS: dict[tuple, Extractor] = {}   # per process: built once per (name, device, weights), reused
 
 
+def get_extractor(name: str | None, device: torch.device, opts: RunOptions) -> Extractor | None:
+    if not name:
+        return None
+    compile_extractor = opts.fast.compile != "off"   # --compile covers the extractor too
+    key = (name, str(device), opts.inception_weights, compile_extractor)
+    if key not in _EXTRACTORS:
+        _EXTRACTORS[key] = build_extractor(name, device, inception_weights=opts.inception_weights,
+                                           download=opts.download, compile=compile_extractor)
+    return _EXTRACTORS[key]
+
+
+def _base_record(p: Plan, ds, card: Card, seed: int, status: str) -> RunRecord:
+    fam = get_family(card.family)
+    return RunRecord(status=status, suite=p.suite.name, suite_version=p.suite.version, dataset=ds.name,
+                     card=card.name, family=fam.family or card.family, traits=dict(card.traits), seed=seed,
+                     gate={"tolerances": dict(p.suite.tolerances)},
+                     declared_metrics={m.key: m.to_dict() for m in fam.declared_metrics})
+
+
 def _run_logged(p: Plan, ds, card: Card, seed: int, tag: str) -> tuple[str, str]:
     """One run with its crash recorded: (status, the line to log)."""
-    rdir = store.run_dir(p.opts.results_dir, p.suite.name, ds.name, card.name, seed)
-    ext_name = p.extractors[ds.name]
-    compile_extractor = p.opts.fast.compile != "off"   # --compile covers the extractor too
-    key = (ext_name, str(p.device), p.opts.inception_weights, compile_extractor)
-    if ext_name and key not in _EXTRACTORS:
-        _EXTRACTORS[key] = build_extractor(ext_name, p.device, inception_weights=p.opts.inception_weights,
-                                           download=p.opts.download, compile=compile_extractor)
+    rdir = p.run_dir(ds, card, seed)
     t0 = time.time()
     try:
-        status = run_one(p, ds, card, seed, rdir, _EXTRACTORS.get(key))
+        extractor = get_extractor(p.extractors[ds.name], p.device, p.opts)
+        status = run_one(p, ds, card, seed, rdir, extractor)
         return status, f"{tag}: {status} in {time.time() - t0:.1f} s"
     except UserError:
         raise
     except Exception as e:  # a crash in one run is recorded; the suite goes on
-        store.write_json(rdir / store.METRICS_FILE, {
-            "status": "failed", "suite": p.suite.name, "dataset": ds.name, "card": card.name,
-            "family": card.family, "seed": seed, "error": f"{type(e).__name__}: {e}",
-            "traceback": traceback.format_exc(limit=5)})
+        rec = _base_record(p, ds, card, seed, "failed")
+        rec.error, rec.traceback = f"{type(e).__name__}: {e}", traceback.format_exc(limit=5)
+        store.write_record(rdir, rec)
         return "failed", f"{tag}: FAILED ({type(e).__name__}: {e}) after {time.time() - t0:.1f} s"
 
 
@@ -249,72 +394,64 @@ def run_one(p: Plan, ds, card: Card, seed: int, rdir: Path, extractor: Extractor
         "suite": to_dict(suite), "card": to_dict(card), "dataset": to_dict(ds), "seed": seed,
         "device": str(p.device), "budget_kimg": budget, "extractor": extractor.spec.name if extractor else None})
     torch.manual_seed(seed)
-    family = get_family(card.family)
-    model = family(DataSpec(tuple(train_data.x.shape[1:]), train_data.num_classes), **card.params).to(p.device)
+    model = build_model(card, train_data.spec, p.device)
 
-    real_feats = None
+    reference = None
     if extractor:
         feats = reference_features(extractor, ref, ev.n_real, p.feature_cache_dir,
                                    batch_size=ev.batch_size, progress=opts.progress)
-        real_feats = Reference.on(extractor.device, feats)
+        reference = Reference.on(extractor.device, feats)
     n_real = (min(ev.n_real, len(ref)) if ev.n_real else len(ref))
-    cheap_groups = tuple(g for g in ev.metrics if g in ("fid", "modes"))
+    main_settings = PointSettings(ev.n_fake, ev.batch_size, ev.metrics, ev.kid_subset_size)
+    cheap_settings = PointSettings(ev.cheap_n_fake, ev.batch_size, ev.cheap_groups, ev.kid_subset_size)
 
     def cheap_eval(m, kimg):
-        metrics, _ = evaluate_samples(m, seed=seed + 10_000, n_fake=ev.cheap_n_fake, sampler=card.sampler,
-                                      groups=cheap_groups, ref=ref, extractor=extractor, real_feats=real_feats,
-                                      batch_size=ev.batch_size, kid_subset_size=ev.kid_subset_size)
+        metrics, _, _ = evaluate_point(m, card.sampler, seed + 10_000, cheap_settings, ref, extractor, reference,
+                                       timed=False)
         return metrics
 
     result = train(model, train_data, budget_kimg=budget, batch_size=card.batch_size, seed=seed, run_dir=rdir,
                    ema_decay=card.ema, cheap_eval=cheap_eval if ev.every_kimg else None,
-                   every_kimg=ev.every_kimg, progress=opts.progress, bf16=p.train_bf16)
+                   every_kimg=ev.every_kimg, progress=opts.progress, bf16=p.train_bf16, log=_warn)
     st = result.state
     store.write_csv(rdir / store.TRAIN_LOG_FILE, st.log or [{"kimg": 0}])
     store.write_csv(rdir / store.CURVES_FILE, st.curves or [{"kimg": st.kimg}])
-    training = {"kimg": round(st.kimg, 4), "wall_s": round(st.wall_s, 2), "steps": st.steps,
-                "diverged_at_kimg": st.diverged_at_kimg, "diverged_reason": st.diverged_reason,
-                "budget_kimg": budget, "batch_size": card.batch_size, "ema": card.ema, "bf16": p.train_bf16}
-    prov = provenance(extractor, n_real=n_real if extractor else None, n_fake=ev.n_fake, ref_split=ev.ref_split,
-                      image_size=list(train_data.x.shape[1:]), device=p.device, seed=seed)
-    record = {"status": "diverged" if result.diverged else "complete", "suite": suite.name,
-              "suite_version": suite.version, "dataset": ds.name, "card": card.name, "family": card.family,
-              "seed": seed, "metrics": {}, "sampling": {}, "training": training, "provenance": prov, "sweeps": []}
+    rec = _base_record(p, ds, card, seed, "diverged" if result.diverged else "complete")
+    rec.settings = p.settings(ds, card)
+    rec.training = {"kimg": round(st.kimg, 4), "wall_s": round(st.wall_s, 2), "steps": st.steps,
+                    "diverged_at_kimg": st.diverged_at_kimg, "diverged_reason": st.diverged_reason,
+                    "budget_kimg": budget, "batch_size": card.batch_size, "ema": card.ema, "bf16": p.train_bf16}
+    rec.provenance = provenance(extractor, n_real=n_real if extractor else None, n_fake=ev.n_fake,
+                                ref_split=ev.ref_split, image_size=list(train_data.x.shape[1:]), device=p.device,
+                                seed=seed)
     if not result.diverged:
         store.atomic_torch_save(rdir / store.MODEL_FILE, result.model.state_dict())
+        rec.model = store.file_digest(rdir / store.MODEL_FILE)
         model = prepare(result.model, p.device, opts.fast)
-        record["metrics"], record["sampling"], grid = _evaluate_point(model, card.sampler, seed, ev, ref,
-                                                                        extractor, real_feats, opts,
-                                                                        keep=64 if ref.is_image else 2000)
-        record["metrics"].update(likelihood_metrics(model, test, ev.metrics, max_n=ev.n_likelihood,
-                                                    batch_size=ev.batch_size))
+        rec.metrics, rec.sampling, grid = evaluate_point(model, card.sampler, seed, main_settings, ref, extractor,
+                                                         reference, fast=opts.fast, progress=opts.progress,
+                                                         keep=64 if ref.is_image else 2000)
+        rec.sampler = dict(card.sampler)
+        rec.metrics.update(likelihood_metrics(model, test, ev.metrics, max_n=ev.n_likelihood,
+                                              batch_size=ev.batch_size))
         if grid is not None:
-            _save_grid(rdir / store.SAMPLES_FILE, grid, ref)
+            save_grid(rdir / store.SAMPLES_FILE, grid, ref)
         for name, param, value, sampler in _sweep_points(suite, card):
-            m, s, _ = _evaluate_point(model, sampler, seed, ev, ref, extractor, real_feats, opts)
-            record["sweeps"].append({"name": name, "param": param, "value": value, "sampler": sampler,
-                                     "metrics": m, "sampling": s})
-    store.write_json(rdir / store.METRICS_FILE, record)   # last: marks the run finished
+            m, s, _ = evaluate_point(model, sampler, seed, main_settings, ref, extractor, reference, fast=opts.fast,
+                                     progress=opts.progress)
+            rec.sweeps.append(EvalPoint(name, param, value, sampler, m, s))
+    store.write_record(rdir, rec)   # last: marks the run finished
     (rdir / store.CHECKPOINT_FILE).unlink(missing_ok=True)
-    return record["status"]
+    return rec.status
 
 
-def _evaluate_point(model, sampler: dict, seed: int, ev, ref, extractor, real_feats, opts, keep: int = 0):
-    timer = SamplingTimer(model.device)
-    bar = tqdm(total=ev.n_fake, desc="sample", unit="img", disable=not opts.progress, leave=False)
-    metrics, grid = evaluate_samples(model, seed=seed, n_fake=ev.n_fake, sampler=sampler, groups=ev.metrics,
-                                     ref=ref, extractor=extractor, real_feats=real_feats, batch_size=ev.batch_size,
-                                     kid_subset_size=ev.kid_subset_size, timer=timer, keep=keep,
-                                     progress=bar.update, fast=opts.fast)
-    bar.close()
-    sampling = {**timer.summary(model.nfe(**sampler), ev.batch_size), "sampler": sampler,
-                "fast_path": opts.fast.describe(model.device)}
-    return metrics, sampling, grid
+def _warn(line: str) -> None:
+    import sys
+
+    print(f"genbench: {line}", file=sys.stderr)
 
 
-def _save_grid(path: Path, samples: torch.Tensor, ref: gdata.Data) -> None:
-    import io
-
+def save_grid(path: Path, samples: torch.Tensor, ref: gdata.Data) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -337,4 +474,3 @@ def _save_grid(path: Path, samples: torch.Tensor, ref: gdata.Data) -> None:
         fig.savefig(buf, format="png")
         plt.close(fig)
     store.atomic_write_bytes(path, buf.getvalue())
-

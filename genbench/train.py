@@ -86,15 +86,45 @@ def _save_checkpoint(path: Path, model, ema, opts, state: TrainState, gen: torch
                              "torch_rng": torch.get_rng_state(), "perm": perm, "pos": pos})
 
 
+def _load_checkpoint(path: Path, model, ema, device, log) -> dict | None:
+    """The checkpoint's contents loaded into model (and ema); None when there is none. A checkpoint that
+    cannot be used is renamed aside (checkpoint.pt.corrupt-N) and training starts from scratch."""
+    if not path.is_file():
+        return None
+    init = copy.deepcopy(model.state_dict())
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(ckpt, dict) or not {"model", "state", "batch_rng", "torch_rng", "perm", "pos"} <= set(ckpt):
+            raise ValueError("not a genbench checkpoint")
+        model.load_state_dict(ckpt["model"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.load_state_dict(ckpt["ema"])
+        TrainState(**ckpt["state"])
+        return ckpt
+    except Exception as e:  # noqa: BLE001 - any failure to use it means: set it aside, start over
+        model.load_state_dict(init)
+        if ema is not None:
+            ema.load_state_dict(init)
+        from genbench.store import set_aside
+
+        moved = set_aside(path)
+        if log is not None:
+            log(f"checkpoint {path} could not be used ({type(e).__name__}: {str(e)[:200]}); "
+                f"moved to {moved.name}, training starts over")
+        return None
+
+
 def train(model: GenerativeModel, data: Data, *, budget_kimg: float, batch_size: int, seed: int,
           run_dir: Path | None = None, ema_decay: float | None = None, checkpoint_every_s: float = 60.0,
           cheap_eval: Callable[[GenerativeModel, float], dict] | None = None,
           every_kimg: float | None = None, progress: bool = True, bf16: bool = True,
-          inject_nan_at_step: int | None = None) -> TrainResult:
+          inject_nan_at_step: int | None = None, log: Callable[[str], None] | None = None) -> TrainResult:
     """Train `model` on `data` for `budget_kimg`; resume from run_dir/checkpoint.pt when present.
 
     `bf16`: autocast the training steps to bf16 on CUDA (never on a CPU, where it is slow).
     `inject_nan_at_step` replaces one step's logs with NaN: the divergence path, testable on CPU.
+    A checkpoint that does not load (truncated, garbage, from another model) is set aside with a line
+    through `log` and training starts over, instead of failing the same way on every rerun.
     """
     device = model.device
     use_bf16 = bf16 and device.type == "cuda"
@@ -104,12 +134,8 @@ def train(model: GenerativeModel, data: Data, *, budget_kimg: float, batch_size:
     state = TrainState()
     phases = model.phases()
     ckpt_path = Path(run_dir) / CHECKPOINT_FILE if run_dir else None
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True) \
-        if ckpt_path is not None and ckpt_path.is_file() else None
+    ckpt = _load_checkpoint(ckpt_path, model, ema, device, log) if ckpt_path is not None else None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        if ema is not None and ckpt["ema"] is not None:
-            ema.load_state_dict(ckpt["ema"])
         state = TrainState(**ckpt["state"])
         gen.set_state(ckpt["batch_rng"])
         torch.set_rng_state(ckpt["torch_rng"])

@@ -51,7 +51,8 @@ def frame(rows: list[dict]) -> pd.DataFrame:
 def write_run(root: Path, card: str, seed: int, *, suite: str = "smoke", dataset: str = "digits",
               status: str = "complete", metrics: dict | None = None, sampling: dict | None = None,
               sweeps: list[dict] | None = None, curves: list[dict] | None = None,
-              train_log: list[dict] | None = None, samples: bool = True, extractor: str = EXTRACTOR) -> Path:
+              train_log: list[dict] | None = None, samples: bool = True, extractor: str = EXTRACTOR,
+              tolerances: dict | None = None, traits: dict | None = None) -> Path:
     rdir = store.run_dir(root, suite, dataset, card, seed)
     rdir.mkdir(parents=True, exist_ok=True)
     m = {"status": status, "suite": suite, "suite_version": 1, "dataset": dataset, "card": card,
@@ -64,6 +65,10 @@ def write_run(root: Path, card: str, seed: int, *, suite: str = "smoke", dataset
                         "ref_split": "test", "image_size": [1, 8, 8], "versions": {"torch": "2.14.1", "genbench": "0.1.0"},
                         "device": "cpu", "seed": seed},
          "sweeps": sweeps or []}
+    if tolerances is not None:
+        m["gate"] = {"tolerances": tolerances}
+    if traits is not None:
+        m["traits"] = traits
     store.write_json(rdir / store.METRICS_FILE, m)
     if curves:
         store.write_csv(rdir / store.CURVES_FILE, curves)

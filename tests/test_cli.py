@@ -73,7 +73,7 @@ def test_channels_last_and_feature_cache_are_switchable(tmp_path, monkeypatch):
 
 
 def test_no_feature_cache_writes_no_cache(tmp_path):
-    from genbench.evaluate import wait_for_cache_writes
+    from genbench.scoring import wait_for_cache_writes
 
     for flag, cached in (("--no-feature-cache", False), ("--feature-cache", True)):
         res = tmp_path / flag

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from genbench import compare as cmp
-from genbench import config
 from results_fixtures import write_run
 
 
 def tree(root: Path, *, fid=(10.0, 10.2, 9.8), precision=0.8, nfe=1, img_per_s=1000.0, status=None,
-         extractor="digits-classifier", sweep_fid=None, cards=("dcgan", "vae"), suite="gate-test") -> Path:
+         extractor="digits-classifier", sweep_fid=None, cards=("dcgan", "vae"), suite="gate-test",
+         tolerances=None, modes=10) -> Path:
     """A small tree: every card with one seed per entry of `fid` (FID shifted by card). The suite name
-    resolves to no suite file, so only the tolerance rules under test apply."""
+    resolves to no suite file: the gate reads only the tree (and the floors its records hold)."""
     for k, card in enumerate(cards):
         for seed, f in enumerate(fid):
             sweeps = []
@@ -23,9 +23,9 @@ def tree(root: Path, *, fid=(10.0, 10.2, 9.8), precision=0.8, nfe=1, img_per_s=1
                 sweeps = [{"name": "steps", "param": "steps", "value": v, "sampler": {"steps": v},
                            "metrics": {"fid": sweep_fid + v / 100}, "sampling": {"nfe": v}} for v in (10, 100)]
             write_run(root, card, seed, suite=suite, status=(status or {}).get((card, seed), "complete"),
-                      metrics={"fid": f + 10 * k, "precision": precision, "modes_covered": 10, "is_std": 0.3},
+                      metrics={"fid": f + 10 * k, "precision": precision, "modes_covered": modes, "is_std": 0.3},
                       sampling={"nfe": nfe, "img_per_s": img_per_s}, sweeps=sweeps, samples=False,
-                      extractor=extractor)
+                      extractor=extractor, tolerances=tolerances)
     return root
 
 
@@ -45,10 +45,33 @@ def test_baseline_made_better_fails(tmp_path):
     r = cmp.compare(base, cur)
     assert r.exit_code == 1
     line = next(l for l in r.markdown.splitlines() if "| dcgan | main | fid |" in l)
-    assert "REGRESSION" in line and "+5" in line and "2σ base" in line
+    assert "REGRESSION" in line and "+5" in line and "t-band n=3, m=3" in line
     # the other way round the current is better: no regression
     r2 = cmp.compare(cur, base)
     assert r2.exit_code == 0 and "better" in r2.markdown
+
+
+def test_band_is_the_t_prediction_bound_with_bonferroni():
+    from scipy import stats
+
+    b = cmp.band(2.0, 10, 2, 0.001)
+    assert b == pytest.approx(stats.t.ppf(0.999, 9) * 2.0 * (1 / 10 + 1 / 2) ** 0.5)
+    assert cmp.band(2.0, 10, 1, 0.001) > b > cmp.band(2.0, 40, 2, 0.001)   # more seeds: tighter
+    base = {"entries": [{"suite": "s", "dataset": "d", "card": "c", "eval": "main", "metric": m, "n": 10,
+                         "mean": 10.0, "std": 1.0} for m in ("fid", "kid_mean", "mode_kl", "nll_bpd")], "runs": []}
+    # 4 band checks at a false-alarm rate of 0.04: each at alpha 0.01
+    edge = 10.0 + cmp.band(1.0, 10, 1, 0.01)
+    for delta, code in ((-1e-6, 0), (1e-6, 1)):
+        cur = {"entries": [dict(e, n=1, mean=edge + delta if e["metric"] == "fid" else 10.0, std=None)
+                           for e in base["entries"]], "runs": []}
+        assert cmp.gate(base, cur, fwer=0.04)[1] == code
+
+
+def test_one_seed_baseline_uses_ten_percent(tmp_path):
+    base = tree(tmp_path / "base", fid=(10.0,), cards=("dcgan",))
+    assert cmp.compare(base, tree(tmp_path / "a", fid=(10.9,), cards=("dcgan",))).exit_code == 0
+    r = cmp.compare(base, tree(tmp_path / "b", fid=(11.5,), cards=("dcgan",)))
+    assert r.exit_code == 1 and "10% (1-seed baseline)" in r.markdown
 
 
 def test_higher_is_better_direction(tmp_path):
@@ -57,24 +80,32 @@ def test_higher_is_better_direction(tmp_path):
     assert cmp.compare(base, tree(tmp_path / "down", fid=(10.0,), precision=0.6)).exit_code == 1
 
 
-def test_default_relative_tolerance_with_one_seed(tmp_path):
-    base = tree(tmp_path / "base", fid=(10.0,), cards=("dcgan",))
-    assert cmp.compare(base, tree(tmp_path / "a", fid=(10.9,), cards=("dcgan",))).exit_code == 0
-    r = cmp.compare(base, tree(tmp_path / "b", fid=(11.5,), cards=("dcgan",)))
-    assert r.exit_code == 1 and "10% default" in r.markdown
+def test_floors_come_from_the_records_not_the_suite_file(tmp_path):
+    """The suite's tolerances travel in each run's record: the suite file (here: none of that name
+    exists) is never read at gate time, so renaming or deleting it cannot change a verdict."""
+    base = tree(tmp_path / "base", fid=(10.0,), cards=("dcgan",), tolerances={"fid": 5.0})
+    s = cmp.summarize(base)
+    assert next(e for e in s["entries"] if e["metric"] == "fid")["floor"] == 5.0
+    r = cmp.compare(base, tree(tmp_path / "cur", fid=(14.0,), cards=("dcgan",)))
+    assert r.exit_code == 0 and "5 (floor (1-seed baseline))" in r.markdown
+    assert cmp.compare(base, tree(tmp_path / "worse", fid=(15.5,), cards=("dcgan",))).exit_code == 1
+    # a floor wider than the band from the spread wins
+    wide = tree(tmp_path / "wide", tolerances={"fid": 3.0})
+    assert cmp.compare(wide, tree(tmp_path / "w2", fid=(12.5, 12.7, 12.3))).exit_code == 0
 
 
-def test_suite_tolerances_are_absolute(tmp_path, monkeypatch):
-    suites = tmp_path / "suites"
-    suites.mkdir()
-    (suites / "tolsuite.yaml").write_text("name: tolsuite\nversion: 1\ndatasets: [digits]\ncards: [nosuchcard]\n"
-                                          "tolerances: {fid: 5.0}\n")
-    monkeypatch.setattr(config, "SUITES_DIR", suites)
-    assert cmp.suite_tolerances("tolsuite") == {"fid": 5.0}
-    base = tree(tmp_path / "base", fid=(10.0,), cards=("dcgan",), suite="tolsuite")
-    r = cmp.compare(base, tree(tmp_path / "cur", fid=(14.0,), cards=("dcgan",), suite="tolsuite"))
-    assert r.exit_code == 0 and "5 (suite)" in r.markdown
-    assert cmp.compare(base, tree(tmp_path / "worse", fid=(15.5,), cards=("dcgan",), suite="tolsuite")).exit_code == 1
+def test_a_band_wider_than_the_mean_is_unstable_and_not_gated(tmp_path):
+    base = tree(tmp_path / "base", fid=(1.0, 30.0, 8.0), cards=("dcgan",))   # mean 13, std ~15
+    r = cmp.compare(base, tree(tmp_path / "cur", fid=(60.0,), cards=("dcgan",)))
+    assert r.exit_code == 0, r.markdown
+    line = next(l for l in r.markdown.splitlines() if "| dcgan | main | fid |" in l)
+    assert "unstable (not gated)" in line and "too unstable to gate" in r.markdown
+
+
+def test_whole_number_metrics_get_a_band_of_at_least_one(tmp_path):
+    base = tree(tmp_path / "base", modes=10)                 # 3 seeds, all 10 modes: no spread
+    assert cmp.compare(base, tree(tmp_path / "nine", modes=9)).exit_code == 0
+    assert cmp.compare(base, tree(tmp_path / "eight", modes=8)).exit_code == 1
 
 
 def test_speed_is_reported_not_gated(tmp_path):
@@ -122,9 +153,10 @@ def test_summary_file_stands_in_for_the_tree(tmp_path):
     t = tree(tmp_path / "t", sweep_fid=5.0)
     s = cmp.write_summary(t, tmp_path / "baselines" / "smoke.json")
     data = json.loads(s.read_text())
-    assert data["format"] == "genbench-summary" and data["version"] == 1
+    assert data["format"] == "genbench-summary" and data["version"] == 2
     e = next(x for x in data["entries"] if x["card"] == "dcgan" and x["eval"] == "main" and x["metric"] == "fid")
     assert e["n"] == 3 and e["mean"] == pytest.approx(10.0) and e["std"] == pytest.approx(0.2)
+    assert e["values"] == pytest.approx([10.0, 10.2, 9.8]) and e["seeds"] == [0, 1, 2]
     assert cmp.compare(s, t).exit_code == 0
     assert cmp.compare(t, s).exit_code == 0
     assert cmp.compare(s, tree(tmp_path / "worse", fid=(20.0, 20.2, 19.8))).exit_code == 1

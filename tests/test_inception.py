@@ -5,7 +5,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
 from genbench import evaluators
-from genbench.evaluate import build_extractor, extract
+from genbench.scoring import build_extractor, extract
 from genbench.evaluators.inception import MatmulResizeInception, resize_to_inception, write_random_inception_weights
 
 ALL = ["64", "192", "768", "2048", "logits_unbiased", "logits"]

@@ -5,7 +5,7 @@ import torch
 from scipy import linalg
 
 from genbench import evaluators
-from genbench.evaluate import fidelity_metrics
+from genbench.scoring import fidelity_metrics
 
 SPEC = evaluators.ExtractorSpec("t", "t", "f", "l", None, None)
 
@@ -46,7 +46,7 @@ def test_our_metrics_equal_torch_fidelity_calculate_metrics():
     import torch_fidelity
 
     from genbench.data import load
-    from genbench.evaluate import build_extractor, extract
+    from genbench.scoring import build_extractor, extract
 
     real = load("digits", "train").x[:600]
     fake = load("digits", "test").x[:300]
@@ -175,17 +175,16 @@ def test_precision_recall_equals_torch_fidelity_block_by_block(n_fake, n_real, d
 
 
 def test_reference_fid_statistics_computed_once_and_same_numbers(monkeypatch):
-    from genbench import evaluate
-    from genbench.evaluate import Reference
+    from genbench.scoring import Reference, reference as ref_mod, score as score_mod
 
     a = _gaussian(800, torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64), 6).float()
     b = _gaussian(900, torch.full((5,), 0.2, dtype=torch.float64), torch.ones(5, dtype=torch.float64), 7).float()
     plain = fidelity_metrics({"f": a}, {"f": b}, SPEC, ["fid", "kid", "prc"], kid_subset_size=300)
     ref = Reference.on(torch.device("cpu"), {"f": b})
     calls = []
-    for name in ("fid_statistics", "reference_statistics"):
-        original = getattr(evaluate, name)
-        monkeypatch.setattr(evaluate, name, lambda f, original=original: calls.append(len(f)) or original(f))
+    for mod, name in ((score_mod, "fid_statistics"), (ref_mod, "reference_statistics")):
+        original = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda f, original=original: calls.append(len(f)) or original(f))
     first = fidelity_metrics({"f": a}, ref, SPEC, ["fid", "kid", "prc"], kid_subset_size=300)
     second = fidelity_metrics({"f": a[:400]}, ref, SPEC, ["fid"])
     assert first == plain
@@ -198,7 +197,7 @@ def test_compiled_extractor_pads_partial_batches_to_one_shape():
     is reused; the padding must not leak into, or change, the features. The padding logic is checked on
     the CPU with the module left uncompiled."""
     from genbench.data import load
-    from genbench.evaluate import Extractor, build_extractor
+    from genbench.scoring import Extractor, build_extractor
 
     plain = build_extractor("digits", torch.device("cpu"))
     seen = []
@@ -218,7 +217,7 @@ def test_extractor_sets_cudnn_autotune_for_its_forward_only(autotune):
     """The extractor runs its module with cuDNN's autotuner as its field says (off by default: the timing
     falls on a cold evaluation's first batch) and leaves the process-wide flag as it found it."""
     from genbench.data import load
-    from genbench.evaluate import Extractor, build_extractor
+    from genbench.scoring import Extractor, build_extractor
 
     plain = build_extractor("digits", torch.device("cpu"))
     assert plain.cudnn_autotune is False
@@ -238,8 +237,9 @@ def test_extractor_sets_cudnn_autotune_for_its_forward_only(autotune):
 def test_reference_features_with_a_progress_bar_that_redraws(monkeypatch):
     """tqdm's update() returns True whenever it redraws; the extraction must not depend on that value
     (a run with progress on once handed the extractor `True` instead of a batch)."""
-    import genbench.evaluate as ev
+    import genbench.scoring.reference as ev
     from genbench.data import load
+    from genbench.scoring import build_extractor
 
     class Redrawing(ev.tqdm):
         def update(self, n=1):
@@ -247,7 +247,7 @@ def test_reference_features_with_a_progress_bar_that_redraws(monkeypatch):
             return True
 
     monkeypatch.setattr(ev, "tqdm", Redrawing)
-    ext, data = ev.build_extractor("digits", torch.device("cpu")), load("digits", "test")
+    ext, data = build_extractor("digits", torch.device("cpu")), load("digits", "test")
     with_bar = ev.reference_features(ext, data, 70, None, batch_size=32, progress=True)
     without = ev.reference_features(ext, data, 70, None, batch_size=32, progress=False)
     for k in ext.layers:
@@ -257,7 +257,7 @@ def test_reference_features_with_a_progress_bar_that_redraws(monkeypatch):
 
 def _digits_reference():
     from genbench.data import load
-    from genbench.evaluate import build_extractor
+    from genbench.scoring import build_extractor
 
     return build_extractor("digits", torch.device("cpu")), load("digits", "test")
 
@@ -267,7 +267,7 @@ def test_reference_cache_is_written_by_a_thread_and_read_back(tmp_path, monkeypa
     that write and reads it back instead of extracting again; the features are the same."""
     import threading
 
-    from genbench import evaluate
+    from genbench.scoring import reference as evaluate
 
     evaluate.wait_for_cache_writes()   # writes started by earlier tests
     ext, data = _digits_reference()
@@ -284,7 +284,7 @@ def test_reference_cache_is_written_by_a_thread_and_read_back(tmp_path, monkeypa
 
 
 def test_reference_cache_write_failure_is_one_warning_line(tmp_path, monkeypatch, capsys):
-    from genbench import evaluate
+    from genbench.scoring import reference as evaluate
 
     ext, data = _digits_reference()
 
@@ -301,7 +301,7 @@ def test_reference_cache_write_failure_is_one_warning_line(tmp_path, monkeypatch
 
 def test_reference_extraction_shows_progress_only_when_asked(capsys):
     """Inception on a CPU takes hours for 50,000 reference images: the run shows how far it is."""
-    from genbench.evaluate import reference_features
+    from genbench.scoring import reference_features
 
     ext, data = _digits_reference()
     reference_features(ext, data, 120, None, batch_size=50, progress=True)

@@ -1,7 +1,8 @@
 """The one interface every family implements, and the registry the harness looks families up in.
 
-The harness (train.py, evaluate.py, timing.py) only ever talks to a `GenerativeModel`; a family
-knows nothing of suites, stores or metrics.
+The harness (train.py, scoring/, timing.py) only ever talks to a `GenerativeModel`; a family knows
+nothing of suites or stores. It declares the extra metrics it reports (`declared_metrics`), which the
+metric registry then knows by key, direction and label.
 """
 from __future__ import annotations
 
@@ -35,9 +36,14 @@ class DataSpec:
 
 @dataclass
 class Batch:
-    """x in [-1, 1] (images [B, C, H, W], points [B, 2] unscaled); y class labels or None."""
+    """x in [-1, 1] (images [B, C, H, W], points [B, 2] unscaled); y class labels or None.
+
+    `rng`: per-image random streams, one per row, set by the harness for held-out evaluation
+    (nll_bpd, extra_metrics), so an estimate that draws timesteps or noise gives each image the same
+    draws whatever batch it is in. None in training batches."""
     x: torch.Tensor
     y: torch.Tensor | None = None
+    rng: SeedRNG | None = None
 
 
 class GenerativeModel(nn.Module, ABC):
@@ -54,6 +60,9 @@ class GenerativeModel(nn.Module, ABC):
     conditional: bool = False
     # Sampler keyword arguments the family accepts (validated before a long run starts).
     sampler_options: ClassVar[tuple[str, ...]] = ()
+    # The metrics extra_metrics() returns, as genbench.metrics.Metric (group "family", source
+    # "held-out"): registered with the family, so reports and the gate know their direction and label.
+    declared_metrics: ClassVar[tuple] = ()
 
     def __init__(self, spec: DataSpec):
         super().__init__()
@@ -83,12 +92,14 @@ class GenerativeModel(nn.Module, ABC):
         """Network evaluations per sample (GAN 1, DDPM 1000, DDIM-50 50, PixelCNN one per code)."""
         return 1
 
-    def nll_bpd(self, batch: Batch) -> float | None:
-        """Bits per dimension (or its bound) on a batch of 8-bit data; None without a likelihood."""
+    def nll_bpd(self, batch: Batch) -> float | torch.Tensor | None:
+        """Bits per dimension (or its bound) on a batch of 8-bit data: the batch mean, or one value per
+        image [B]; None without a likelihood. Random draws come from `batch.rng` when set."""
         return None
 
     def extra_metrics(self, batch: Batch) -> dict[str, float]:
-        """Family-specific numbers on held-out data (reconstruction error, codebook usage, ...)."""
+        """Family-specific numbers on held-out data (reconstruction error, codebook usage, ...): batch
+        means, keys among `declared_metrics`. Random draws come from `batch.rng` when set."""
         return {}
 
     @property
@@ -108,5 +119,15 @@ def register_family(name: str) -> Callable[[type[GenerativeModel]], type[Generat
             raise ValueError(f"family {name!r} is already registered")
         cls.family = name
         FAMILIES[name] = cls
+        register_declared_metrics(cls)
         return cls
     return deco
+
+
+def register_declared_metrics(cls: type[GenerativeModel]) -> None:
+    """Put a family's declared metrics into the metric registry (idempotent)."""
+    from genbench import metrics
+
+    for m in cls.declared_metrics:
+        if m.key not in metrics.METRICS:
+            metrics.register_metric(m)

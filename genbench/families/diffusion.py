@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from genbench.families.base import Batch, DataSpec, GenerativeModel, Phase, register_family
 from genbench.families.unet import EncoderClassifier, MLPDenoiser, UNet
+from genbench.metrics import HELD_OUT, Metric
 from genbench.rng import SeedRNG
 
 SCHEDULES = ("linear", "cosine")
@@ -143,6 +144,12 @@ def stratum_edges(T: int, k: int) -> list[tuple[int, int]]:
 @register_family("diffusion")
 class Diffusion(GenerativeModel):
     sampler_options = ("sampler", "steps", "eta", "variance", "guidance", "classifier_scale", "clip_denoised")
+    declared_metrics = (
+        Metric("eps_mse", "family", False, "held-out eps MSE", HELD_OUT,
+               "noise-prediction error on held-out images at timesteps spread over 0..T-1"),
+        Metric("noisy_classifier_acc", "family", True, "noisy-classifier acc.", HELD_OUT,
+               "accuracy of the guidance classifier on noised held-out images"),
+    )
 
     def __init__(self, spec: DataSpec, *, schedule: str = "linear", timesteps: int = 1000,
                  learn_sigma: bool = False, hybrid_lambda: float = 0.001,

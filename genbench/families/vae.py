@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genbench.families.base import Batch, DataSpec, GenerativeModel, Phase, register_family
+from genbench.metrics import HELD_OUT, Metric
 from genbench.rng import SeedRNG
 
 LIKELIHOODS = ("logistic", "gaussian", "categorical")
@@ -152,6 +153,11 @@ class VAE(GenerativeModel):
     hidden / depth (the MLP used for 2-D points)."""
 
     sampler_options = ("temperature", "decoder")
+    declared_metrics = (
+        Metric("recon_mse", "family", False, "recon MSE", HELD_OUT,
+               "squared reconstruction error of held-out images, in [-1, 1] units"),
+        Metric("kl_nats", "family", None, "KL nats", HELD_OUT, "mean KL(q(z|x) || p(z)) per held-out image"),
+    )
 
     def __init__(self, spec: DataSpec, z_dim: int = 16, channels: int = 32, max_channels: int = 128,
                  beta: float = 1.0, likelihood: str = "logistic", min_log_scale: float = -6.0,

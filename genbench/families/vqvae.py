@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genbench.families.base import Batch, DataSpec, GenerativeModel, Phase, register_family
+from genbench.metrics import HELD_OUT, Metric
 from genbench.rng import SeedRNG
 
 CODE_SOURCES = ("prior", "uniform")
@@ -224,6 +225,15 @@ class VQVAEPixelCNN(GenerativeModel):
     autoencoder_share (fraction of the budget for phase 1), grad_clip."""
 
     sampler_options = ("codes",)
+    declared_metrics = (
+        Metric("recon_mse", "family", False, "recon MSE", HELD_OUT,
+               "squared reconstruction error of held-out images, in [-1, 1] units"),
+        Metric("codebook_perplexity", "family", True, "codebook perplexity", HELD_OUT,
+               "exp of the entropy of the held-out images' code histogram"),
+        Metric("codebook_usage", "family", True, "codebook usage", HELD_OUT, "share of the codes the held-out images use"),
+        Metric("prior_bits_per_code", "family", False, "prior bits/code", HELD_OUT,
+               "the prior's NLL of the held-out codes, bits per code position"),
+    )
 
     def __init__(self, spec: DataSpec, num_codes: int = 64, code_dim: int = 16, channels: int = 32,
                  code_size: int = 4, res_blocks: int = 1, commitment: float = 0.25,
