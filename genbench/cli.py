@@ -1,6 +1,7 @@
 """genbench's command line: flags map onto configuration, nothing else happens here.
 
-Every user mistake ends as one line on stderr and exit code 2 (UserError), never a traceback.
+Every user mistake ends as one line on stderr and exit code 2 (UserError, and click's own usage
+errors), never a traceback; every output path is checked before any work.
 """
 from __future__ import annotations
 
@@ -16,6 +17,32 @@ from genbench.config import COMPILE_MODES
 from genbench.errors import UserError
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+class OneLineErrors(click.Group):
+    """click's usage errors (unknown option, bad value, missing argument) as one `error:` line on stderr,
+    exit code 2, like genbench's own errors."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            where = f"{e.ctx.command_path}: " if e.ctx is not None else ""
+            click.echo(f"error: {where}{_one_line(e.format_message())}", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"error: {_one_line(e.format_message())}", err=True)
+            sys.exit(2)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
+
 def user_errors(fn):
     """Turn UserError into one clear line and exit code 2."""
     @functools.wraps(fn)
@@ -23,7 +50,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {_one_line(e)}", err=True)
             sys.exit(2)
     return wrapper
 
@@ -32,21 +59,62 @@ def _csv(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _only(value: str | None) -> tuple[str, ...]:
+    names = _csv(value)
+    if value is not None and not names:
+        raise UserError(f"--only {value!r} names no card")
+    return names
+
+
+def _progress(no_progress: bool) -> bool:
+    return not no_progress and not os.environ.get("CI")
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="genbench")
 def main():
     """genbench: train, sample and evaluate generative models of four families side by side."""
 
 
+def _sampler_options(fn):
+    """Sampler options shared by eval --run, sample: the common ones by name, any other by --option."""
+    for decl, kw in reversed([
+        ("--sampler", dict(default=None, help="Diffusion sampler: ancestral or ddim.")),
+        ("--steps", dict(type=int, default=None, help="Sampling steps (diffusion; at most the model's T).")),
+        ("--eta", dict(type=float, default=None, help="DDIM noise (0: deterministic given x_T).")),
+        ("--guidance", dict(type=float, default=None, help="Classifier-free guidance weight w.")),
+        ("--classifier-scale", dict(type=float, default=None, help="Classifier guidance scale s.")),
+        ("--option", dict(multiple=True, metavar="KEY=VALUE",
+                          help="Any other sampler option of the card's family (repeatable), e.g. "
+                               "--option variance=small, --option codes=uniform, --option truncation=0.7.")),
+    ]):
+        fn = click.option(decl, **kw)(fn)
+    return fn
+
+
+def _overrides(sampler, steps, eta, guidance, classifier_scale, option) -> dict:
+    from genbench.external import parse_option
+
+    out = {k: v for k, v in (("sampler", sampler), ("steps", steps), ("eta", eta), ("guidance", guidance),
+                             ("classifier_scale", classifier_scale)) if v is not None}
+    for text in option:
+        k, v = parse_option(text)
+        out[k] = v
+    return out
+
+
 @main.command("run")
 @click.option("--suite", "suite_name", default="smoke", show_default=True,
-              help="Suite name (suites/NAME.yaml) or a path to a suite YAML.")
+              help="Suite name (on the search path: $GENBENCH_PATH's suites/, then the shipped ones) or a path to "
+                   "a suite YAML.")
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
               show_default=True, help="Where run folders are written (<dir>/<suite>/<dataset>/<card>/seed<k>).")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder holding dataset files (CIFAR-10's cifar-10-batches-py/, Fashion-MNIST's .gz files).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seeds", type=int, default=None, help="Number of seeds per card (default: the suite's).")
+@click.option("--first-seed", type=int, default=0, show_default=True,
+              help="Seeds run from this one: --first-seed 16 --seeds 2 runs seeds 16 and 17.")
 @click.option("--only", default=None, help="Comma-separated card names: run only these cards of the suite.")
 @click.option("--inception-weights", type=click.Path(dir_okay=False), default=None,
               envvar="GENBENCH_INCEPTION_WEIGHTS", show_envvar=True,
@@ -54,7 +122,12 @@ def main():
 @click.option("--extractor", default=None, help="Score with this feature extractor instead of the suite's.")
 @click.option("--budget-kimg", type=float, default=None, help="Override the suite's training budget (kimg).")
 @click.option("--download", is_flag=True, help="Allow downloading missing datasets and weights (off by default).")
-@click.option("--dry-run", is_flag=True, help="Print the resolved configuration as JSON and exit.")
+@click.option("--dry-run", is_flag=True,
+              help="Check everything a run checks (values, data, weights, output folder) and print the resolved "
+                   "configuration as JSON; run nothing.")
+@click.option("--rerun", is_flag=True,
+              help="Redo finished runs whose settings (budget, suite version, card, dataset, eval) differ from "
+                   "this plan; without it they are kept and named.")
 @click.option("--bf16/--no-bf16", default=True, show_default=True, help="bf16 autocast while sampling (CUDA only).")
 @click.option("--train-bf16/--no-train-bf16", default=True, show_default=True,
               help="bf16 autocast in the training steps (CUDA only); --no-train-bf16 trains in fp32.")
@@ -72,19 +145,20 @@ def main():
                    "`jobs`, usually 1). Pays off for many small CPU runs, e.g. the mixtures suite.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @user_errors
-def run_cmd(suite_name, results_dir, data_root, device, seeds, only, inception_weights, extractor, budget_kimg,
-            download, dry_run, bf16, train_bf16, channels_last, feature_cache, compile_mode, jobs, no_progress):
+def run_cmd(suite_name, results_dir, data_root, device, seeds, first_seed, only, inception_weights, extractor,
+            budget_kimg, download, dry_run, rerun, bf16, train_bf16, channels_last, feature_cache, compile_mode, jobs,
+            no_progress):
     """Train, sample and evaluate every card of a suite; finished runs are skipped."""
     from genbench.config import load_suite
     from genbench.fastpath import FastPath
     from genbench.runner import RunOptions, plan, run_suite
 
     suite = load_suite(suite_name)
-    opts = RunOptions(results_dir=results_dir, data_root=data_root, device=device, seeds=seeds, only=_csv(only),
-                      inception_weights=inception_weights, download=download, extractor=extractor,
-                      progress=not no_progress and not os.environ.get("CI"), budget_kimg=budget_kimg,
+    opts = RunOptions(results_dir=results_dir, data_root=data_root, device=device, seeds=seeds, first_seed=first_seed,
+                      only=_only(only), inception_weights=inception_weights, download=download, extractor=extractor,
+                      progress=_progress(no_progress), budget_kimg=budget_kimg,
                       fast=FastPath(bf16=bf16, channels_last=channels_last, compile=compile_mode),
-                      train_bf16=train_bf16, feature_cache=feature_cache, jobs=jobs)
+                      train_bf16=train_bf16, feature_cache=feature_cache, jobs=jobs, rerun=rerun)
     p = plan(suite, opts)
     if dry_run:
         click.echo(json.dumps(p.describe(), indent=2))
@@ -96,6 +170,130 @@ def run_cmd(suite_name, results_dir, data_root, device, seeds, only, inception_w
         sys.exit(1)
 
 
+@main.command("eval")
+@click.option("--samples", default=None,
+              help="Score images made elsewhere: a folder of PNG/JPEG/WebP files (recursive), an .npz in the "
+                   "ADM evaluator's layout (arr_0 uint8 [N,H,W,C], optional arr_1 labels), a uint8 .npy, or a "
+                   "quoted glob of such shards.")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Re-score a finished run's model.pt (a run folder .../seed<k>) with other sampler options or "
+                   "another extractor; the result is added to that run as one more evaluation point.")
+@click.option("--dataset", default=None, help="With --samples: the reference dataset (digits, fashion, cifar10, ...).")
+@click.option("--name", default=None,
+              help="With --samples: the label in results/external/<dataset>/<name>/ (default: the file or folder "
+                   "name). With --run: the point's name (default: eval).")
+@click.option("--extractor", default=None, help="Feature extractor (default: the dataset's, or the run's).")
+@click.option("--ref-split", default="test", show_default=True, help="With --samples: reference split (train or test).")
+@click.option("--labels", default=None, help="With --samples: class labels, a .npy or a text file of integers.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="With --samples: the seed label of this sample set (sets from several training seeds of one "
+                   "model pool as seeds in report and compare).")
+@click.option("--family", default=None,
+              help="With --samples: the family the samples come from (gan, vae, vqvae, diffusion, or an import "
+                   "path), so claims can count them.")
+@click.option("--n-real", type=int, default=None, help="With --samples: reference images used (default: the whole split).")
+@click.option("--n-fake", type=int, default=None, help="With --run: images to sample (default: the suite's n_fake).")
+@click.option("--metrics", default=None, help="With --samples: comma-separated metric groups (default: fid,isc,kid,prc,modes).")
+@click.option("--kid-subset-size", type=int, default=1000, show_default=True, help="With --samples: KID's subset size.")
+@click.option("--image-size", type=int, default=None,
+              help="With --samples: resize the reference dataset to this size (the size the model was trained at).")
+@click.option("--batch-size", type=int, default=None, help="Images per batch (default: 250, or the run's).")
+@_sampler_options
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
+              show_default=True, help="With --samples: the results tree the record goes into.")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder holding dataset files.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--inception-weights", type=click.Path(dir_okay=False), default=None,
+              envvar="GENBENCH_INCEPTION_WEIGHTS", show_envvar=True, help="Path to torch-fidelity's Inception weights.")
+@click.option("--download", is_flag=True, help="Allow downloading missing datasets and weights.")
+@click.option("--feature-cache/--no-feature-cache", default=True, show_default=True,
+              help="Reuse cached reference features (under the results folder's .cache).")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@user_errors
+def eval_cmd(samples, run_dir, dataset, name, extractor, ref_split, labels, seed, family, n_real, n_fake, metrics,
+             kid_subset_size, image_size, batch_size, sampler, steps, eta, guidance, classifier_scale, option,
+             results_dir, data_root, device, inception_weights, download, feature_cache, no_progress):
+    """Score samples made elsewhere (--samples) or re-score a stored run (--run)."""
+    from genbench import external
+    from genbench.runner import resolve_device
+
+    if (samples is None) == (run_dir is None):
+        raise UserError("eval needs exactly one of --samples PATH or --run RUN_DIR")
+    for flag, v in (("--batch-size", batch_size), ("--n-real", n_real), ("--n-fake", n_fake),
+                    ("--kid-subset-size", kid_subset_size), ("--image-size", image_size)):
+        if v is not None and v < 1:
+            raise UserError(f"{flag} must be at least 1, got {v}")
+    if seed < 0:
+        raise UserError(f"--seed must be at least 0, got {seed}")
+    overrides = _overrides(sampler, steps, eta, guidance, classifier_scale, option)
+    dev = resolve_device(device)
+    log = lambda s: click.echo(s, err=True)  # noqa: E731
+    if samples is not None:
+        if dataset is None:
+            raise UserError("eval --samples needs --dataset NAME (the reference data)")
+        extra = [f for f, v in (("--n-fake", n_fake), *((f"--{k.replace('_', '-')}", v) for k, v in overrides.items()))
+                 if v is not None]
+        if extra:
+            raise UserError(f"{extra[0]} applies to --run, not to --samples")
+        req = external.SampleEval(samples, dataset, name=name, extractor=extractor, ref_split=ref_split,
+                                  labels=labels, seed=seed, family=family, n_real=n_real, metrics=_csv(metrics),
+                                  batch_size=batch_size or 250, kid_subset_size=kid_subset_size, image_size=image_size)
+        rdir = external.eval_samples(req, results_dir=results_dir, device=dev, data_root=data_root,
+                                     inception_weights=inception_weights, download=download,
+                                     feature_cache=feature_cache, progress=_progress(no_progress), log=log)
+        from genbench.store import read_record
+
+        rec = read_record(rdir)
+        click.echo(json.dumps({"record": str(rdir / "metrics.json"), "metrics": rec.metrics}, indent=2))
+        return
+    extra = [f for f, v in (("--dataset", dataset), ("--labels", labels), ("--family", family), ("--n-real", n_real),
+                            ("--metrics", metrics), ("--image-size", image_size)) if v is not None]
+    if extra:
+        raise UserError(f"{extra[0]} applies to --samples, not to --run")
+    point = external.eval_run(run_dir, device=dev, overrides=overrides, name=name or "eval", n_fake=n_fake,
+                              extractor=extractor, batch_size=batch_size, data_root=data_root,
+                              inception_weights=inception_weights, download=download, feature_cache=feature_cache,
+                              progress=_progress(no_progress), log=log)
+    click.echo(json.dumps({"record": str(Path(run_dir) / "metrics.json"), "point": point.name,
+                           "sampler": point.sampler, "metrics": point.metrics}, indent=2))
+
+
+@main.command("sample")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="A finished run folder (.../seed<k>) whose model.pt is sampled.")
+@click.option("--n", type=int, required=True, help="Number of images.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="FILE.npz (the ADM evaluator's layout: arr_0 uint8 [N,H,W,C], arr_1 labels) or a new folder "
+                   "of PNG files.")
+@click.option("--seed-start", type=int, default=0, show_default=True,
+              help="Index of the first image: images are seeded one by one, so --n 100 then --n 200 share their "
+                   "first 100 images, and --seed-start 100 --n 100 continues where --n 100 stopped.")
+@click.option("--labels", default=None,
+              help="Class labels for a conditional model, a .npy or text file of --n integers (default: image k "
+                   "gets class k mod C).")
+@click.option("--batch-size", type=int, default=None, help="Images per batch (default: the run's).")
+@_sampler_options
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder holding dataset files (for the data shape).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@user_errors
+def sample_cmd(run_dir, n, out, seed_start, labels, batch_size, sampler, steps, eta, guidance, classifier_scale,
+               option, data_root, device, no_progress):
+    """Write a stored run's samples as uint8 images (npz or PNG files), one seed per image."""
+    from genbench import external
+    from genbench.runner import resolve_device
+
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    path = external.sample_run(run_dir, out, n=n, device=resolve_device(device),
+                               overrides=_overrides(sampler, steps, eta, guidance, classifier_scale, option),
+                               seed_start=seed_start, labels=labels, batch_size=batch_size, data_root=data_root,
+                               progress=_progress(no_progress))
+    click.echo(f"samples: {path} ({n} images)")
+
+
 @main.command("report")
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
               show_default=True, help="Results tree to read.")
@@ -105,10 +303,12 @@ def run_cmd(suite_name, results_dir, data_root, device, seeds, only, inception_w
 def report_cmd(results_dir, out):
     """Write report.md, a self-contained report.html and plots from a results tree."""
     from genbench.report import write_report
+    from genbench.store import check_writable_dir
 
     if not results_dir.is_dir():
         raise UserError(f"--results-dir {results_dir}: no such folder (run `genbench run` first)")
-    path = write_report(results_dir, out or results_dir)
+    check_writable_dir(out or results_dir, "--out")
+    path = write_report(results_dir, out or results_dir, warn=lambda s: click.echo(f"warning: {s}", err=True))
     click.echo(f"report: {path} and {Path(path).with_suffix('.html')}")
 
 
@@ -117,16 +317,24 @@ def report_cmd(results_dir, out):
 @click.argument("current")
 @click.option("--summary-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the comparison table (Markdown) to this file, e.g. $GITHUB_STEP_SUMMARY.")
+@click.option("--false-alarm-rate", type=float, default=None,
+              help="Chance that an unchanged tree fails anywhere (all band checks together; default 0.01).")
 @user_errors
-def compare_cmd(baseline, current, summary_out):
+def compare_cmd(baseline, current, summary_out, false_alarm_rate):
     """Regression gate: exit 1 if CURRENT is worse than BASELINE beyond tolerance, 2 on unusable input."""
-    from genbench.compare import compare
+    from genbench.compare import FWER, compare
+    from genbench.store import atomic_write_bytes, check_writable_file
 
-    result = compare(baseline, current)
+    fwer = FWER if false_alarm_rate is None else false_alarm_rate
+    if not 0 < fwer < 1:
+        raise UserError(f"--false-alarm-rate must be in (0, 1), got {fwer}")
+    if summary_out:
+        check_writable_file(summary_out, "--summary-out")
+    result = compare(baseline, current, fwer)
+    if result.exit_code == 2:
+        raise UserError(result.markdown.split("**Unusable input**: ", 1)[-1].strip())
     click.echo(result.markdown)
     if summary_out:
-        from genbench.store import atomic_write_bytes
-
         atomic_write_bytes(summary_out, result.markdown.encode())
     sys.exit(result.exit_code)
 
@@ -138,10 +346,11 @@ def compare_cmd(baseline, current, summary_out):
 def summarize_cmd(results_dir, out):
     """Write a small JSON summary of a results tree (a baseline for `genbench compare`)."""
     from genbench.compare import summarize
-    from genbench.store import write_json
+    from genbench.store import check_writable_file, write_json
 
     if not results_dir.is_dir():
         raise UserError(f"{results_dir}: no such folder")
+    check_writable_file(out, "OUT")
     write_json(out, summarize(results_dir))
     click.echo(f"summary: {out}")
 
@@ -170,7 +379,7 @@ def bench_cmd(suite_name, device, batch_sizes, batches, only, steps, bf16, chann
     from genbench.config import load_suite
     from genbench.fastpath import FastPath
     from genbench.runner import resolve_device
-    from genbench.store import write_json
+    from genbench.store import check_writable_file, write_json
 
     suite = load_suite(suite_name)
     dev = resolve_device(device)
@@ -182,7 +391,8 @@ def bench_cmd(suite_name, device, batch_sizes, batches, only, steps, bf16, chann
         raise UserError("--batch-sizes and --batches must be positive")
     if steps is not None and steps < 1:
         raise UserError("--steps must be at least 1")
-    rows = bench_suite(suite, dev, sizes, batches, FastPath(bf16, channels_last, compile_mode), _csv(only),
+    check_writable_file(out, "--out")
+    rows = bench_suite(suite, dev, sizes, batches, FastPath(bf16, channels_last, compile_mode), _only(only),
                        {"steps": steps} if steps is not None else None, log=lambda s: click.echo(s, err=True))
     write_json(out, {"suite": suite.name, "rows": rows})
     click.echo(table(rows))
@@ -190,11 +400,12 @@ def bench_cmd(suite_name, device, batch_sizes, batches, only, steps, bf16, chann
 
 
 @main.command("list")
+@user_errors
 def list_cmd():
     """Print the suites, model cards, datasets, metrics and feature extractors genbench knows."""
     from genbench import data
     from genbench import metrics as registry
-    from genbench.config import list_names, metric_groups, search_dirs
+    from genbench.config import list_names, load_card, load_suite, metric_groups, search_dirs
     from genbench.evaluators import EXTRACTORS
     from genbench.families import families
 
@@ -206,35 +417,30 @@ def list_cmd():
     suites = []
     for n in list_names("suites"):
         try:
-            from genbench.config import load_suite
-
             s = load_suite(n)
             suites.append(f"{n:16s} v{s.version}  {', '.join(d.name for d in s.datasets)}: {', '.join(s.cards)}")
         except UserError as e:
-            suites.append(f"{n:16s} (invalid: {e})")
+            suites.append(f"{n:16s} (invalid: {_one_line(e)})")
     section("suites", suites)
     cards = []
     for n in list_names("models"):
-        from genbench.config import load_card
-
         try:
             c = load_card(n)
             text = " ".join(c.description.split())
             cards.append(f"{n:16s} {c.family:10s} {text[:90] + ('...' if len(text) > 90 else '')}")
         except UserError as e:
-            cards.append(f"{n:16s} (invalid: {e})")
+            cards.append(f"{n:16s} (invalid: {_one_line(e)})")
     section("model cards", cards)
     section("families", sorted(families()))
     section("datasets", data.dataset_names())
-    families()   # registers the families' declared metrics
     section("metric groups (suite eval.metrics)", [f"{g:10s} {registry.GROUPS[g].description}"
                                                    for g in metric_groups()])
     section("metrics (direction, gate, computed from)",
             [f"{k:20s} {'higher' if m.higher_is_better else 'lower' if m.higher_is_better is False else 'no direction':12s}"
              f" {m.gate:6s} {m.source}" for k, m in registry.METRICS.items()])
-    section("search path (suites/, models/)", [str(d.parent) for d in search_dirs("suites")])
     section("feature extractors", [f"{k:18s} fid/kid/prc: {v.fid_layer}, is: {v.isc_layer}"
                                    for k, v in sorted(EXTRACTORS.items())])
+    section("search path (suites/ and models/ under each)", [str(d.parent) for d in search_dirs("suites")])
 
 
 @main.group("evaluator")
@@ -254,10 +460,12 @@ def evaluator_group():
 @user_errors
 def evaluator_train_cmd(dataset, epochs, seed, data_root, out):
     """Train a domain classifier and write its weights; prints its test accuracy."""
-    from genbench.evaluators.classifier import train_classifier
+    from genbench.evaluators.classifier import train_classifier, weights_path
+    from genbench.store import check_writable_file
 
     if epochs is not None and epochs < 1:
         raise UserError("--epochs must be at least 1")
+    check_writable_file(out or weights_path(dataset), "--out")
     epochs = epochs or {"digits": 30, "fashion": 6}[dataset]
     r = train_classifier(dataset, epochs=epochs, seed=seed, out=out, data_root=data_root)
     click.echo(json.dumps(r, indent=2))

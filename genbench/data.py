@@ -140,6 +140,74 @@ def _mnist_like(name: str, torchvision_cls: str, system_dir: Path | None) -> Cal
 CIFAR10_DIR = "cifar-10-batches-py"
 
 
+def _numpy_reconstruct():
+    core = getattr(np, "_core", None)          # numpy 2; numpy 1 has only numpy.core
+    if core is None:
+        core = np.core
+    return core.multiarray._reconstruct
+
+
+# What the CIFAR-10 batch pickles may reference, and nothing else: numpy's array reconstruction
+# (numpy.core.* in the official Python 2 files, numpy._core.* when numpy 2 wrote them), and
+# _codecs.encode, which Python 3 emits for bytes at protocol <= 2 (numpy arrays' raw data).
+_CIFAR_GLOBALS: dict[tuple[str, str], Callable[[], object]] = {
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: __import__("_codecs").encode,
+}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    def __init__(self, module: str, name: str):
+        super().__init__(f"{module}.{name}")
+        self.qualname = f"{module}.{name}"
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only numpy arrays and plain containers: a batch file that asks for any other global
+    (os.system, builtins.exec, ...) is refused before that global is even looked up."""
+
+    def find_class(self, module: str, name: str):
+        make = _CIFAR_GLOBALS.get((module, name))
+        if make is None:
+            raise _RefusedGlobal(module, name)
+        return make()
+
+
+def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 [N, 3, 32, 32], int64 [N]) from one CIFAR-10 batch file, unpickled with `_CifarUnpickler`."""
+    try:
+        with open(path, "rb") as fh:
+            # The official files are Python 2 pickles: latin1 turns their keys into str.
+            entry = _CifarUnpickler(fh, encoding="latin1").load()
+    except _RefusedGlobal as e:
+        raise UserError(f"{path}: refused to unpickle: the file asks for {e.qualname}, which a CIFAR-10 batch "
+                        "never needs (a tampered or foreign file)") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except Exception as e:  # noqa: BLE001 -- truncated or not a pickle at all
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a CIFAR-10 batch file ({msg})") from None
+    if not isinstance(entry, dict):
+        raise UserError(f"{path}: not a CIFAR-10 batch file (holds a {type(entry).__name__}, not a dict)")
+    entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+    data, labels = entry.get("data"), entry.get("labels", entry.get("fine_labels"))
+    if data is None or labels is None:
+        raise UserError(f"{path}: not a CIFAR-10 batch file (no 'data' and 'labels')")
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise UserError(f"{path}: 'data' is {data.dtype} {list(data.shape)}, not uint8 [N, 3072]")
+    try:
+        y = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{path}: 'labels' are not integers") from None
+    if y.shape != (len(data),):
+        raise UserError(f"{path}: {y.size} labels for {len(data)} images")
+    return data.reshape(-1, 3, 32, 32), y
+
+
 def _cifar10(split: str, image_size: int | None, root: Path | None, download: bool, **_) -> Data:
     base = (root or Path("data")) / CIFAR10_DIR
     files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
@@ -153,44 +221,76 @@ def _cifar10(split: str, image_size: int | None, root: Path | None, download: bo
                            f"{CIFAR10_DIR}/ (torchvision's layout), or --download when online")
     xs, ys = [], []
     for f in files:
-        with open(base / f, "rb") as fh:
-            # The official files are Python 2 pickles: latin1 turns their keys into str.
-            entry = pickle.load(fh, encoding="latin1")
-        entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
-        xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64))
+        x_f, y_f = _load_cifar_batch(base / f)
+        xs.append(x_f)
+        ys.append(y_f)
     x = torch.from_numpy(np.concatenate(xs))
     y = torch.from_numpy(np.concatenate(ys))
     return Data("cifar10", split, resize_uint8(x, image_size), y, 10, modes=y, num_modes=10)
 
 
+FOLDER_DATASET_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def _npz_dataset(path: Path) -> tuple[torch.Tensor, np.ndarray | None]:
+    """uint8 NCHW images and optional labels from a dataset .npz (`x` NHWC, NCHW or NHW; `y`)."""
+    from genbench import sample_sets as ss
+
+    x, y = ss.read_npz(path, "x", "y", hint="a dataset .npz holds 'x', uint8 NHWC or NCHW, and optional 'y'")
+    ss.check_uint8(x, f"{path} (x)")
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise UserError(f"{path}: 'x' has shape {list(x.shape)}; want [N, H, W, C], [N, C, H, W] or [N, H, W]")
+    if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.transpose(0, 3, 1, 2)
+    elif x.shape[1] not in (1, 3):
+        raise UserError(f"{path}: 'x' has shape {list(x.shape)}: neither axis 1 nor the last holds 1 or 3 "
+                        "channels")
+    if x.shape[0] == 0:
+        raise UserError(f"{path}: 'x' holds zero images")
+    if y is not None:
+        y = ss.check_labels(y, len(x), f"{path} (y)")
+    return torch.from_numpy(np.ascontiguousarray(x)), y
+
+
+def _folder_dataset(path: Path) -> tuple[torch.Tensor, np.ndarray | None]:
+    """RGB uint8 NCHW images (grey ones repeated to three channels) and, when the images sit in
+    subfolders, their class = subfolder name. Files other than images are left out; an image that
+    cannot be read, has alpha or is not 8-bit is refused, naming it."""
+    from genbench import sample_sets as ss
+
+    files = ss.image_files(path, FOLDER_DATASET_SUFFIXES, strict=False)
+    if not files:
+        raise DataNotFound(f"{path}: no .png/.jpg/.bmp/.webp images found")
+    classes = sorted({p.parent.name for p in files}) if any(p.parent != path for p in files) else []
+    x = None
+    for i, p in enumerate(files):
+        a = ss.decode_image(p)
+        if a.ndim == 2:
+            a = np.repeat(a[:, :, None], 3, axis=2)
+        if x is None:
+            x = np.empty((len(files), *a.shape), dtype=np.uint8)
+        elif a.shape != x.shape[1:]:
+            raise UserError(f"{path}: images differ in size: {files[0]} is {x.shape[1]}x{x.shape[2]}, {p} is "
+                            f"{a.shape[0]}x{a.shape[1]}; resize them to one size first")
+        x[i] = a
+    y = np.array([classes.index(p.parent.name) for p in files]) if classes else None
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), y
+
+
 def _from_path(path: Path, split: str, image_size: int | None) -> Data:
     """An `.npz` (arrays `x` uint8 NHWC or NCHW, optional `y`) or a folder of images
-    (class = subfolder name when there are subfolders)."""
+    (class = subfolder name when there are subfolders). Arrays are never cast or unpickled: a float or
+    other non-uint8 `x` is refused, as is an image file that cannot be read."""
     if not path.exists():
         raise DataNotFound(f"{path}: no such file or folder")
     if path.suffix == ".npz":
-        with np.load(path) as z:
-            if "x" not in z:
-                raise UserError(f"{path}: an .npz dataset needs an array named 'x'")
-            x, y = z["x"], (z["y"] if "y" in z else None)
-        if x.ndim == 3:
-            x = x[:, None]
-        if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
-            x = x.transpose(0, 3, 1, 2)
-        x = torch.from_numpy(np.ascontiguousarray(x.astype(np.uint8)))
+        x, y = _npz_dataset(path)
+    elif path.is_dir():
+        x, y = _folder_dataset(path)
     else:
-        from PIL import Image
-
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp"})
-        if not files:
-            raise DataNotFound(f"{path}: no .png/.jpg images found")
-        classes = sorted({p.parent.name for p in files}) if any(p.parent != path for p in files) else []
-        imgs = [np.asarray(Image.open(p).convert("RGB")) for p in files]
-        if len({im.shape for im in imgs}) != 1:
-            raise UserError(f"{path}: images differ in size; resize them to one size first")
-        x = torch.from_numpy(np.stack(imgs).transpose(0, 3, 1, 2).copy())
-        y = np.array([classes.index(p.parent.name) for p in files]) if classes else None
+        raise UserError(f"{path}: a path dataset is an .npz or a folder of images")
     labels = torch.from_numpy(np.asarray(y, dtype=np.int64)) if y is not None else None
     n_cls = int(labels.max()) + 1 if labels is not None else 0
     return Data(path.name, split, resize_uint8(x, image_size), labels, n_cls,

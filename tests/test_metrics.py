@@ -79,7 +79,9 @@ def test_missing_inception_weights_is_one_clear_error(tmp_path):
     with pytest.raises(evaluators.WeightsNotFound, match="--inception-weights PATH or set GENBENCH_INCEPTION"):
         evaluators.check_extractor(evaluators.INCEPTION)
     w = tmp_path / "w.pth"
-    w.write_bytes(b"x")
+    from genbench.evaluators import inception
+
+    torch.save({k: torch.zeros(s, dtype=d) for k, (s, d) in inception.expected_inception_state().items()}, w)
     assert evaluators.check_extractor(evaluators.INCEPTION, inception_weights=w) == str(w)
 
 

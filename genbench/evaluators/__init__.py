@@ -15,7 +15,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from genbench.errors import UserError, WeightsNotFound
-from genbench.evaluators import classifier
+from genbench.evaluators import classifier, inception
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's cache file name
@@ -59,21 +59,39 @@ def auto_extractor(dataset: str) -> str:
     return AUTO_EXTRACTOR.get(dataset, INCEPTION)
 
 
-def resolve_inception_weights(explicit: str | Path | None, download: bool) -> str | None:
-    """--inception-weights, else $GENBENCH_INCEPTION_WEIGHTS, else torch-fidelity's cache; None means
-    'let torch-fidelity download' and is only allowed with --download."""
+def _locate_inception_weights(explicit: str | Path | None, download: bool) -> tuple[str, str | None]:
+    """(where it came from, path): --inception-weights, else $GENBENCH_INCEPTION_WEIGHTS, else torch-fidelity's
+    cache; path None means 'let torch-fidelity download' and is only allowed with --download."""
     for source, p in (("--inception-weights", explicit), (INCEPTION_ENV, os.environ.get(INCEPTION_ENV))):
         if p:
             if not Path(p).is_file():
                 raise WeightsNotFound(f"{source}: Inception weights file {p} does not exist")
-            return str(p)
+            return source, str(p)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     if cached.is_file():
-        return str(cached)
+        return "torch-fidelity's weights cache", str(cached)
     if download:
-        return None
+        return "--download", None
     raise WeightsNotFound(f"Inception weights not found (looked in {cached}); pass --inception-weights PATH "
                           f"or set {INCEPTION_ENV}=PATH (or add --download when online)")
+
+
+def resolve_inception_weights(explicit: str | Path | None, download: bool) -> str | None:
+    """The Inception weights file to use (see _locate_inception_weights); None: torch-fidelity downloads them."""
+    return _locate_inception_weights(explicit, download)[1]
+
+
+def verify_inception_weights(path: str | Path, source: str = "Inception weights") -> inception.VerifiedInceptionWeights:
+    """Load a user's Inception weights file safely (torch.load weights_only=True: no code runs) and check it is
+    exactly torch-fidelity's InceptionV3 state dict; cached per process per version of the file. Anything
+    wrong is one WeightsNotFound line naming the file. torch-fidelity only ever gets the checked tensors."""
+    try:
+        return inception.verified_inception_weights(path)
+    except inception.InceptionWeightsError as e:
+        raise WeightsNotFound(f"{source}: Inception weights file {path} not used: {e}") from None
+    except OSError as e:
+        raise WeightsNotFound(f"{source}: Inception weights file {path} cannot be read: "
+                              f"{e.strerror or e}") from None
 
 
 def check_extractor(name: str, *, inception_weights=None, download: bool = False) -> str | None:
@@ -81,8 +99,11 @@ def check_extractor(name: str, *, inception_weights=None, download: bool = False
     if name not in EXTRACTORS:
         raise UserError(f"unknown extractor {name!r}; choose one of: {', '.join(sorted(EXTRACTORS))}")
     spec = EXTRACTORS[name]
-    if name == INCEPTION:
-        return resolve_inception_weights(inception_weights, download)
+    if name == INCEPTION:   # the file is loaded (safely) and checked here, at plan time, before any training
+        source, path = _locate_inception_weights(inception_weights, download)
+        if path is not None:
+            verify_inception_weights(path, source)
+        return path
     if spec.weights and not Path(spec.weights).is_file():
         raise WeightsNotFound(f"no weights for extractor {name!r} at {spec.weights}; "
                               f"train them with `genbench evaluator train --dataset {name.split('-')[0]}`")

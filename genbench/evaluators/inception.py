@@ -12,6 +12,13 @@ with its feature taps; tests/test_inception.py holds both to torch-fidelity's fo
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -124,3 +131,143 @@ def write_random_inception_weights(path, calibration_batches=(), device="cpu", s
         for xb in calibration_batches:
             net(xb.to(device))
     torch.save({k: v.cpu() for k, v in net.state_dict().items()}, path)
+
+
+# --- Weights files: loaded and checked by genbench, never unpickled by torch-fidelity -------------------------
+#
+# torch-fidelity loads a weights file with torch.load(path, weights_only=False): a crafted file runs code while
+# it is unpickled. genbench reads the user's file itself with weights_only=True (no globals beyond tensors and
+# plain containers), checks it is a state dict of exactly the tensors torch-fidelity's InceptionV3 holds, and
+# hands torch-fidelity those tensors re-serialised by genbench into memory (a BytesIO, which torch.load takes in
+# place of a path), so torch-fidelity's own constructor and load_state_dict build the network as before.
+
+OFFICIAL_SHA256_PREFIX = "6726825d"   # torch-fidelity's weights-inception-2015-12-05-6726825d.pth carries it
+_OPTIONAL_SUFFIX = ".num_batches_tracked"   # absent from torch-fidelity's converted file; unused in eval mode
+
+
+class InceptionWeightsError(ValueError):
+    """A weights file that is no InceptionV3 state dict (the message says why; the caller names the file)."""
+
+
+@dataclass(frozen=True)
+class VerifiedInceptionWeights:
+    path: str
+    sha256: str          # of the bytes that were checked
+    official: bool       # sha256 starts with torch-fidelity's published prefix
+    blob: bytes = field(repr=False)   # the checked tensors, serialised by genbench
+
+    def open(self) -> io.BytesIO:
+        """What torch-fidelity's `feature_extractor_weights_path` gets: genbench's own serialisation."""
+        return io.BytesIO(self.blob)
+
+
+@functools.cache
+def expected_inception_state() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{key: (shape, dtype)} of torch-fidelity's FeatureExtractorInceptionV3 state dict, read off the module
+    built on the meta device (nothing allocated) by a subclass whose load_state_dict does nothing."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3 as Inception
+
+    class Unloaded(Inception):
+        def load_state_dict(self, *args, **kwargs):
+            return None
+
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    with torch.device("meta"):
+        net = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=empty)
+    return {k: (tuple(v.shape), v.dtype) for k, v in net.state_dict().items()}
+
+
+def _refusal_reason(e: Exception) -> str:
+    """torch.load's few-paragraph refusal as one short clause."""
+    keep = []
+    for line in str(e).splitlines():
+        line = line.strip()
+        if not line or line.startswith(("Weights only load failed", "Check the documentation")):
+            continue
+        line = line.split("WeightsUnpickler error:", 1)[-1].strip()
+        keep.append(line.split(". ", 1)[0].rstrip("."))   # its first sentence
+    reason = "; ".join(s for s in keep if s) or type(e).__name__
+    return reason if len(reason) <= 200 else reason[:197] + "..."
+
+
+def _shape(s) -> str:
+    return "[" + ", ".join(map(str, s)) + "]"
+
+
+def check_inception_state(obj) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded object that must be torch-fidelity's InceptionV3 state dict: exactly its keys
+    (num_batches_tracked may be absent, as in torch-fidelity's own file), plain CPU tensors of its shapes,
+    floating point (int64 counters), finite. Raises InceptionWeightsError naming the first offending key."""
+    if not isinstance(obj, dict):
+        raise InceptionWeightsError(f"it holds a {type(obj).__name__}, not a state dict (a dict of tensors)")
+    expected = expected_inception_state()
+    odd = [k for k in obj if not isinstance(k, str)]
+    if odd:
+        raise InceptionWeightsError(f"not a state dict: key {odd[0]!r} is not a string")
+    missing = [k for k in expected if k not in obj and not k.endswith(_OPTIONAL_SUFFIX)]
+    extra = [k for k in obj if k not in expected]
+    for what, keys in (("missing", missing), ("unexpected", extra)):
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            raise InceptionWeightsError(f"not torch-fidelity's InceptionV3 state dict: {len(keys)} {what} "
+                                        f"key{'s' if len(keys) > 1 else ''} ({shown})")
+    out = {}
+    for k, (shape, dtype) in expected.items():
+        if k not in obj:
+            continue
+        t = obj[k]
+        if type(t) not in (torch.Tensor, nn.Parameter):
+            raise InceptionWeightsError(f"{k} is a {type(t).__name__}, not a tensor")
+        if t.layout != torch.strided or t.device.type != "cpu" or t.is_quantized:
+            raise InceptionWeightsError(f"{k} is not a plain dense tensor ({t.layout}, {t.device})")
+        if tuple(t.shape) != shape:
+            raise InceptionWeightsError(f"{k} has shape {_shape(t.shape)}, expected {_shape(shape)}")
+        if dtype.is_floating_point:
+            if not t.dtype.is_floating_point:
+                raise InceptionWeightsError(f"{k} is {t.dtype}, expected floating point")
+            if not bool(torch.isfinite(t).all()):
+                raise InceptionWeightsError(f"{k} has non-finite values")
+        elif t.dtype != dtype:
+            raise InceptionWeightsError(f"{k} is {t.dtype}, expected {dtype}")
+        out[k] = t.detach()
+    return out
+
+
+def _read_and_verify(path: str, f) -> VerifiedInceptionWeights:
+    """Check the bytes of the open file `f` (hashed and loaded from one read, so both are of the same bytes)."""
+    data = f.read()
+    sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        with warnings.catch_warnings():   # e.g. "Detected pickle protocol 4": the refusal below says enough
+            warnings.simplefilter("ignore")
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to load as plain tensors is the same refusal
+        raise InceptionWeightsError(
+            f"torch.load(weights_only=True) refused it ({_refusal_reason(e)}), so it was not loaded: it is not "
+            f"a plain tensor file and may contain code") from None
+    del data
+    tensors = check_inception_state(obj)
+    del obj
+    buf = io.BytesIO()
+    torch.save(tensors, buf)
+    return VerifiedInceptionWeights(path, sha256, sha256.startswith(OFFICIAL_SHA256_PREFIX), buf.getvalue())
+
+
+_VERIFIED: dict[tuple, VerifiedInceptionWeights] = {}   # per process: one version of a file -> its checked weights
+
+
+def verified_inception_weights(path) -> VerifiedInceptionWeights:
+    """The checked weights of `path`, verified once per process per version of the file (its real path, inode,
+    size and mtime, read off the open file whose bytes are checked). Raises InceptionWeightsError (or OSError)
+    when the file cannot be used."""
+    real = os.path.realpath(path)
+    with open(real, "rb") as f:
+        st = os.fstat(f.fileno())
+        key = (real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in _VERIFIED:
+            for old in [k for k in _VERIFIED if k[0] == real]:   # an older version of the same file
+                del _VERIFIED[old]
+            _VERIFIED[key] = _read_and_verify(str(path), f)
+    return _VERIFIED[key]

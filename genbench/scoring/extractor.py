@@ -37,7 +37,10 @@ class Extractor:
 
     @torch.no_grad()
     def __call__(self, x_uint8: torch.Tensor) -> dict[str, torch.Tensor]:
-        x, n = x_uint8.to(self.device), len(x_uint8)
+        # Standard NCHW strides: images decoded as NHWC (and any [N, 1, H, W] with channel stride 1) look
+        # channels_last to torch, whose convolutions then round differently, so one set of pixels would
+        # score differently by how it was loaded. A copy of a uint8 batch costs nothing beside the network.
+        x, n = x_uint8.to(self.device).clone(memory_format=torch.contiguous_format), len(x_uint8)
         if self.compiled:
             self._batch = self._batch or n
             if n < self._batch:
@@ -58,7 +61,17 @@ def build_extractor(name: str, device: torch.device, *, inception_weights=None, 
     weights = evaluators.check_extractor(name, inception_weights=inception_weights, download=download)
     spec = evaluators.EXTRACTORS[name]
     layers = list(dict.fromkeys([spec.fid_layer, spec.isc_layer]))
-    kwargs = {"feature_extractor_weights_path": weights} if name == evaluators.INCEPTION else {}
+    kwargs, sha256 = {}, None
+    if name == evaluators.INCEPTION and weights:
+        # torch-fidelity would torch.load(weights_only=False) the user's file: it gets the tensors genbench
+        # loaded safely and checked instead (verified at plan time by check_extractor, once per process),
+        # serialised by genbench into memory; its sha256 is that of the file's checked bytes
+        verified = evaluators.verify_inception_weights(weights)
+        kwargs["feature_extractor_weights_path"], sha256 = verified.open(), verified.sha256
+    elif name == evaluators.INCEPTION:   # --download: torch-fidelity fetches its published file
+        kwargs["feature_extractor_weights_path"] = None
+    elif weights:
+        sha256 = file_sha256(Path(weights))
     module = create_feature_extractor(spec.fidelity_name, layers, cuda=False, verbose=False, **kwargs).to(device)
     forward_code = None
     if name == evaluators.INCEPTION:   # its layers and weights, its input resize as two matmuls
@@ -68,7 +81,7 @@ def build_extractor(name: str, device: torch.device, *, inception_weights=None, 
         module = module.to(memory_format=torch.channels_last)
     if compiled:
         module = torch.compile(module, dynamic=False)
-    return Extractor(spec, module, file_sha256(Path(weights)) if weights else None, device, compiled, forward_code)
+    return Extractor(spec, module, sha256, device, compiled, forward_code)
 
 
 def extract(extractor: Extractor, batches: Iterable[torch.Tensor], to_cpu: bool = True) -> dict[str, torch.Tensor]:
