@@ -46,6 +46,17 @@ class Batch:
     rng: SeedRNG | None = None
 
 
+def held_out_streams(batch: "Batch", n: int, device) -> SeedRNG:
+    """The per-image streams of a held-out batch, as a copy on `device` (so an estimate leaves
+    batch.rng as it found it, and the same batch gives the same draws); without streams (a direct
+    call) those of SeedRNG.for_run(0, n), so the number is still deterministic."""
+    if batch.rng is None:
+        return SeedRNG.for_run(0, n, device=device)
+    if batch.rng.n != n:
+        raise ValueError(f"batch.rng has {batch.rng.n} streams for {n} images")
+    return batch.rng.to(device)
+
+
 class GenerativeModel(nn.Module, ABC):
     """A generative model of one family.
 

@@ -26,17 +26,19 @@ The loop is plain Python over precomputed per-step tensors, one network call per
 conditional and unconditional passes as one batch of 2n), no host syncs, so torch.compile and
 bf16 autocast apply. All noise comes from the per-image SeedRNG.
 
-Likelihood: nll_bpd is the variational bound in bits/dim on 8-bit data, estimated by stratified
-sampling of timesteps, dense where the bound's terms are large (see nll_bpd).
+Likelihood: nll_bpd is the variational bound in bits/dim on 8-bit data, one per image, estimated by
+stratified sampling of timesteps, dense where the bound's terms are large, with every draw from the
+image's own held-out stream, so no number depends on the batch (see nll_bpd).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
-from genbench.families.base import Batch, DataSpec, GenerativeModel, Phase, register_family
+from genbench.families.base import Batch, DataSpec, GenerativeModel, Phase, held_out_streams, register_family
 from genbench.families.unet import EncoderClassifier, MLPDenoiser, UNet
 from genbench.metrics import HELD_OUT, Metric
 from genbench.rng import SeedRNG
@@ -45,6 +47,7 @@ SCHEDULES = ("linear", "cosine")
 SAMPLERS = ("ancestral", "ddim")
 VARIANCES = ("large", "small", "learned")
 LN2 = math.log(2.0)
+EXTRA_CHUNK = 256        # images per network call in extra_metrics (it gets the whole held-out set)
 
 
 # ---------------------------------------------------------------- schedules and Gaussian helpers
@@ -78,25 +81,44 @@ def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
                   + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
-def _std_normal_cdf(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+def _log_sub_exp(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """log(exp(log_a) - exp(log_b)) for log_a > log_b: log_a + log(1 - exp(log_b - log_a)), with
+    expm1 so that close values keep their precision (the clamp only keeps log(0) out)."""
+    return log_a + torch.log(-torch.expm1((log_b - log_a).clamp(max=-1e-300)))
 
 
 def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
-    """log P(x) in nats, elementwise, for x on the 8-bit grid in [-1, 1] (bins 2/255 wide).
+    """log P(x) in nats, elementwise, for x on the 8-bit grid in [-1, 1] (bins 2/255 wide), under
+    N(mean, exp(log_scale)^2).
 
     The edge bins take the whole tail: P(x=-1) = Phi(-1 + 1/255), P(x=1) = 1 - Phi(1 - 1/255)
     (DDPM section 3.3), so the 256 probabilities sum to one.
+
+    Computed in log space, in float64, with no floor on the result:
+      * the edges are log Phi(hi) and log(1 - Phi(lo)) = log Phi(-lo), the mirrored tail;
+      * a middle bin is Phi(hi) - Phi(lo), taken on the side of the mean where it does not cancel:
+        above the mean (lo > 0) as Phi(-lo) - Phi(-hi), both lower tails, and in either case as
+        log Phi(a) + log(1 - exp(log Phi(b) - log Phi(a))).
+    (hi, lo: the bin's upper and lower edge standardized by the mean and scale.) A plain difference
+    of CDFs would lose the upper tail in float32 (1 - Phi rounds to 0 beyond about 5 sigma) and a
+    floor on the probability would cap the log; float64 keeps the middle bins of a wide Gaussian,
+    whose log-CDFs nearly cancel, exact too. The result has the inputs' (promoted) dtype.
     """
-    centered = x - mean
+    dtype = torch.promote_types(torch.promote_types(x.dtype, mean.dtype), log_scale.dtype)
+    if not dtype.is_floating_point:
+        dtype = torch.get_default_dtype()
+    x, mean, log_scale = x.double(), mean.double(), log_scale.double()
     inv_std = torch.exp(-log_scale)
-    cdf_plus = _std_normal_cdf(inv_std * (centered + 1.0 / 255))
-    cdf_minus = _std_normal_cdf(inv_std * (centered - 1.0 / 255))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_minus).clamp(min=1e-12))
-    cdf_delta = cdf_plus - cdf_minus
-    return torch.where(x < -0.999, log_cdf_plus,
-                       torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))))
+    hi = (x - mean + 1.0 / 255) * inv_std                       # standardized upper bin edge
+    lo = (x - mean - 1.0 / 255) * inv_std                       # standardized lower bin edge
+    upper = lo > 0                                              # the whole bin lies above the mean
+    a = torch.where(upper, -lo, hi)
+    b = torch.where(upper, -hi, lo)                             # b < a; Phi(a) - Phi(b) is the bin's mass
+    middle = _log_sub_exp(torch.special.log_ndtr(a), torch.special.log_ndtr(b))
+    bottom = torch.special.log_ndtr(hi)                         # x = -1: mass of (-inf, hi]
+    top = torch.special.log_ndtr(-lo)                           # x = +1: mass of [lo, inf), mirrored
+    out = torch.where(x < -0.999, bottom, torch.where(x > 0.999, top, middle))
+    return out.to(dtype)
 
 
 def gaussian_log_likelihood(x, mean, logvar) -> torch.Tensor:
@@ -172,6 +194,10 @@ class Diffusion(GenerativeModel):
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
         if int(timesteps) < 2:
             raise ValueError(f"timesteps must be at least 2, got {timesteps}")
+        if schedule == "linear" and 0.02 * 1000.0 / int(timesteps) >= 0.999:
+            # the linear schedule is DDPM's shape rescaled by 1000/T: at T <= 20 its last beta reaches 1
+            raise ValueError(f"schedule 'linear' with timesteps {timesteps} puts beta_T at "
+                             f"{0.02 * 1000.0 / int(timesteps):.3g}; use timesteps >= 21 or schedule 'cosine'")
         if (class_cond or classifier is not None) and spec.num_classes < 1:
             raise ValueError("class_cond / classifier need a dataset with class labels (num_classes > 0)")
         if not 0.0 <= p_uncond < 1.0:
@@ -500,20 +526,41 @@ class Diffusion(GenerativeModel):
 
     # ------------------------------------------------------------ likelihood and diagnostics
 
+    @contextlib.contextmanager
+    def _evaluating(self):
+        """Held-out numbers are the eval-mode model's: dropout off, whatever mode the caller left it in."""
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            yield
+        finally:
+            for m, training in modes:   # each submodule back as it was (modes may be mixed)
+                m.training = training
+
     @torch.no_grad()
-    def nll_bpd(self, batch: Batch) -> float | None:
-        """Variational bound in bits/dim on 8-bit images (None for 2-D points, which are continuous).
+    def nll_bpd(self, batch: Batch) -> torch.Tensor | None:
+        """Variational bound in bits/dim on 8-bit images, one value per image [B] (float64); None for
+        2-D points, which are continuous.
 
         bound = L_T (prior KL) + L_0 (discretized Gaussian decoder on the 8-bit grid) + L_{T-1}
                 + sum_{t=1}^{T-2} L_t.
-        L_0 and L_{T-1} are computed exactly; the middle sum is estimated by stratified sampling:
-        1..T-2 is cut into at most K = nll_timesteps strata with geometrically growing widths (the
-        L_t fall roughly like 1/t, so the first steps, which carry most of the bound, get strata of
-        width one and are exact), one t is drawn uniformly in each stratum and its L_t weighted by
-        the stratum's width. Unbiased; K >= T-2 gives the exact bound. Cost: about K + 2 network
-        passes over the batch. Draws use a fixed private generator, so the same weights and batch
-        give the same number. The x_0 estimate is clipped to [-1, 1] as in sampling (iDDPM's
-        calc_bpd_loop does the same). Fixed-variance models are scored with beta~_t.
+        L_T is exact; L_0 and L_{T-1} are always evaluated (no timestep is sampled for them); the
+        middle sum is estimated by stratified sampling: 1..T-2 is cut into at most
+        K = nll_timesteps strata with geometrically growing widths (the L_t fall roughly like 1/t,
+        so the first steps, which carry most of the bound, get strata of width one), each image
+        draws one t uniformly in each stratum and its L_t is weighted by the stratum's width.
+        Each L_t is itself a one-sample estimate over x_t ~ q(x_t | x_0). So the bound is unbiased
+        in both the timesteps and the noise; K >= T-2 makes every stratum one step wide, the exact
+        sum over t (only the x_t draws remain random). Cost: about K + 2 network passes over the
+        batch.
+
+        All draws come from the image's own stream in `batch.rng` (its timesteps first, then one
+        x_t noise draw per term, in a fixed order), so an image gets the same bound in any batch and
+        next to any other images; the harness averages the per-image values exactly. batch.rng is
+        not advanced (a copy is used), so the same batch gives the same numbers; without streams
+        (a direct call) the images use those of SeedRNG.for_run(0, B). The model is scored in eval
+        mode. The x_0 estimate is clipped to [-1, 1] as in sampling (iDDPM's calc_bpd_loop does
+        the same). Fixed-variance models are scored with beta~_t.
         """
         if not self.spec.is_image:
             return None
@@ -521,38 +568,58 @@ class Diffusion(GenerativeModel):
         x0 = torch.round((x0 + 1) * 127.5).clamp(0, 255) / 127.5 - 1      # snap onto the 8-bit grid
         n = x0.shape[0]
         labels = batch.y.to(self.device) if (self.class_cond and batch.y is not None) else None
-        g = torch.Generator(device="cpu").manual_seed(0)
+        rng = held_out_streams(batch, n, self.device)
+        strata = stratum_edges(self.T, self.nll_timesteps)
+        if strata:   # t[i, k]: image i's timestep in stratum k, uniform on [a_k, b_k)
+            lo = torch.tensor([a for a, _ in strata], dtype=torch.float64, device=self.device)
+            width = torch.tensor([b - a for a, b in strata], dtype=torch.float64, device=self.device)
+            u = rng.rand(len(strata)).to(self.device).double()                          # [n, K]
+            t_mid = (lo + torch.minimum(torch.floor(u * width), width - 1)).long()        # [n, K]
 
-        def term(t_int: int) -> torch.Tensor:                               # L_t, [n] bits/dim
-            t = torch.full((n,), t_int, dtype=torch.long, device=self.device)
-            noise = torch.randn(x0.shape, generator=g).to(self.device)
+        def term(t: torch.Tensor) -> torch.Tensor:                          # L_t, [n] bits/dim, float64
+            noise = rng.randn(*x0.shape[1:]).to(self.device)                  # this image's x_t noise
             xt = self.q_sample(x0, t, noise)
             eps, v = self._denoise(xt, t, labels, 0.0)
-            return self._vb_terms(x0, xt, t, eps, v, clip=True)
+            return self._vb_terms(x0, xt, t, eps, v, clip=True).double()
 
-        total = term(0) + term(self.T - 1)
-        for a, b in stratum_edges(self.T, self.nll_timesteps):
-            t_k = a + int(torch.randint(0, b - a, (1,), generator=g))
-            total = total + (b - a) * term(t_k)
-        t_last = torch.full((n,), self.T - 1, dtype=torch.long, device=self.device)
+        at = lambda k: torch.full((n,), k, dtype=torch.long, device=self.device)
+        with self._evaluating():
+            total = term(at(0)) + term(at(self.T - 1))
+            for k in range(len(strata)):
+                total = total + width[k] * term(t_mid[:, k])
+        t_last = at(self.T - 1)
         mean_T = self._coef("sqrt_ab", t_last, x0) * x0
         logvar_T = torch.log(1 - self._coef("alpha_bar", t_last, x0)).expand_as(x0)
         prior = mean_flat(normal_kl(mean_T, logvar_T, torch.zeros_like(x0), torch.zeros_like(x0))) / LN2
-        return float((total + prior).mean())
+        return total + prior.double()
 
     @torch.no_grad()
     def extra_metrics(self, batch: Batch) -> dict[str, float]:
-        """Held-out eps-MSE at evenly spaced timesteps, and noisy-classifier accuracy if there is one."""
+        """Held-out eps-MSE, and noisy-classifier accuracy (on the same x_t) if there is a classifier.
+
+        Image k of the n given (the harness passes the whole held-out set) is noised to
+        t = k * T // n, so the timesteps spread evenly over 0..T-1, with noise from its own stream
+        in `batch.rng` (a copy; SeedRNG.for_run(0, n) without one). The network runs over chunks of
+        EXTRA_CHUNK images, which changes no number: each image's x_t depends only on its index,
+        n and its stream. Eval mode, as nll_bpd."""
         x0 = batch.x.to(self.device).float()
         n = x0.shape[0]
-        g = torch.Generator(device="cpu").manual_seed(1)
-        t = (torch.arange(n) * self.T // n).to(self.device)                 # spread over 0..T-1
-        noise = torch.randn(x0.shape, generator=g).to(self.device)
-        xt = self.q_sample(x0, t, noise)
+        rng = held_out_streams(batch, n, self.device)
+        t = torch.arange(n, device=self.device) * self.T // n                       # spread over 0..T-1
+        noise = rng.randn(*x0.shape[1:]).to(self.device)                           # [n, *shape]
         labels = batch.y.to(self.device) if (self.class_cond and batch.y is not None) else None
-        eps, _ = self._denoise(xt, t, labels, 0.0)
-        out = {"eps_mse": float(((eps - noise) ** 2).mean())}
-        if self.classifier is not None and batch.y is not None:
-            pred = self.classifier(xt, t).argmax(1)
-            out["noisy_classifier_acc"] = float((pred == batch.y.to(self.device)).float().mean())
+        score = self.classifier is not None and batch.y is not None
+        sq_err, correct = 0.0, 0
+        with self._evaluating():
+            for i in range(0, n, EXTRA_CHUNK):
+                j = min(i + EXTRA_CHUNK, n)
+                xt = self.q_sample(x0[i:j], t[i:j], noise[i:j])
+                eps, _ = self._denoise(xt, t[i:j], None if labels is None else labels[i:j], 0.0)
+                sq_err += float(((eps - noise[i:j]).double() ** 2).sum())
+                if score:
+                    pred = self.classifier(xt, t[i:j]).argmax(1)
+                    correct += int((pred == batch.y[i:j].to(self.device)).sum())
+        out = {"eps_mse": sq_err / max(noise.numel(), 1)}
+        if score:
+            out["noisy_classifier_acc"] = correct / max(n, 1)
         return out

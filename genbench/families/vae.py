@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from genbench.families.base import Batch, DataSpec, GenerativeModel, Phase, register_family
+from genbench.families.base import Batch, DataSpec, GenerativeModel, Phase, held_out_streams, register_family
 from genbench.metrics import HELD_OUT, Metric
 from genbench.rng import SeedRNG
 
@@ -220,11 +220,14 @@ class VAE(GenerativeModel):
             return (p * values).sum(dim=2)                             # [B, C, H, W]
         return out.float()[:, : self.spec.shape[0]].clamp(-1.0, 1.0)
 
-    def neg_elbo(self, x: torch.Tensor, generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-example (-log p(x|z), KL, decoder output) with one reparameterized z ~ q(z|x)."""
+    def neg_elbo(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                 eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-example (-log p(x|z), KL, decoder output) with one reparameterized z ~ q(z|x):
+        z = mu + sigma * eps, eps [B, Z] given or drawn (from `generator` if set)."""
         mu, logvar = self.encode(x)                                    # [B, Z] each
-        eps = torch.randn(mu.shape, device=mu.device, generator=generator)
+        if eps is None:
+            eps = torch.randn(mu.shape, device=mu.device, generator=generator)
+        eps = eps.to(device=mu.device, dtype=mu.dtype)
         z = mu + torch.exp(0.5 * logvar) * eps                         # [B, Z]
         out = self.decoder(z)
         return -self._log_px(x, out), gaussian_kl(mu, logvar), out
@@ -295,19 +298,24 @@ class VAE(GenerativeModel):
         return 1
 
     @torch.no_grad()
-    def nll_bpd(self, batch: Batch) -> float | None:
-        """Negative ELBO (beta = 1) in bits/dim, one z per image from a fixed-seed generator so the
-        number is reproducible. An upper bound on the true NLL."""
+    def nll_bpd(self, batch: Batch) -> torch.Tensor | None:
+        """Negative ELBO (beta = 1) in bits/dim, one value per image [B]: an upper bound on the
+        true NLL, estimated with one z ~ q(z|x) per image drawn from that image's stream in
+        `batch.rng` (a copy: batch.rng is not advanced), so an image gets the same number in any
+        batch; without streams (a direct call) those of SeedRNG.for_run(0, B), so it is still
+        deterministic."""
         if not self.spec.is_image:
             return None
-        g = torch.Generator(device=self.device).manual_seed(0)
-        rec, kl, _ = self.neg_elbo(batch.x.to(self.device), generator=g)
-        return ((rec + kl).mean() / (math.prod(self.spec.shape) * math.log(2))).item()
+        x = batch.x.to(self.device)
+        rng = held_out_streams(batch, x.shape[0], self.device)
+        rec, kl, _ = self.neg_elbo(x, eps=rng.randn(self.z_dim))
+        return (rec.double() + kl.double()) / (math.prod(self.spec.shape) * math.log(2))
 
     @torch.no_grad()
     def extra_metrics(self, batch: Batch) -> dict[str, float]:
         """recon_mse: squared error of the decoder mean at the posterior mean, in [-1, 1] units
-        (data units for points); kl_nats: mean KL per example."""
+        (data units for points); kl_nats: mean KL per example. No random draws: both are plain
+        means over the images given (the harness passes the whole held-out set)."""
         x = batch.x.to(self.device)
         mu, logvar = self.encode(x)
         recon = self._decoder_mean(self.decoder(mu))

@@ -379,7 +379,10 @@ class VQVAEPixelCNN(GenerativeModel):
     def extra_metrics(self, batch: Batch) -> dict[str, float]:
         """On the given (held-out) batch: recon_mse in [-1, 1] units; codebook_perplexity and
         codebook_usage (share of the K codes used) of its codes; prior_bits_per_code, the prior's
-        NLL of those codes in bits per code position (log2 K for a uniform prior)."""
+        NLL of those codes in bits per code position (log2 K for a uniform prior). No random draws
+        and no state change (the codebook is not updated); perplexity and usage are statistics of
+        the whole histogram, not means over images, so they are meant for the whole held-out set at
+        once, which is how the harness calls this."""
         x = batch.x.to(self.device)
         z_st, codes, _ = self.quantizer(self.encoder(x), update=False)
         recon = self.decoder(z_st).float().clamp(-1.0, 1.0)
