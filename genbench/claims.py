@@ -328,6 +328,8 @@ class Scope:
               roles: tuple[str, ...] = ()) -> pd.DataFrame:
         """Complete sweep rows over `param`, with numeric sweep values when they are numbers."""
         d = self.df[(self.df["sweep_param"] == param) & (self.df["status"] == "complete")]
+        if "prov_n_fake" in d and "run_n_fake" in d:   # a point sampled at another n is no FID of this scope
+            d = d[d["prov_n_fake"].isna() | d["run_n_fake"].isna() | (d["prov_n_fake"] == d["run_n_fake"])]
         if cards:
             d = d[d["card"].isin(cards)]
         if roles:
@@ -737,7 +739,7 @@ def normalize(df: pd.DataFrame | None) -> pd.DataFrame:
 
 # What makes two numbers comparable in a claim: the same feature space (extractor name and weights
 # hash: a retrained classifier is another space) and the same number of samples (FID depends on n).
-SCOPE_KEYS = (("prov_extractor", "{}"), ("prov_extractor_sha256", "weights {:.8}"), ("prov_n_fake", "n_fake={}"))
+SCOPE_KEYS = (("prov_extractor", "{}"), ("prov_extractor_sha256", "weights {:.8}"), ("run_n_fake", "n_fake={}"))
 
 
 def scopes(df: pd.DataFrame) -> list[Scope]:

@@ -106,6 +106,9 @@ class Sweep:
     values: tuple
     cards: tuple[str, ...] = ()   # empty: every card whose family accepts `param`
     sampler: dict = field(default_factory=dict)
+    # Samples per point when not the suite's n_fake (e.g. a 1000-step ancestral point timed on a modest n);
+    # such a point computes the metric groups that n allows, and its provenance records its n_fake.
+    n_fake: int | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,7 @@ class Suite:
     sweeps: tuple[Sweep, ...] = ()
     tolerances: dict = field(default_factory=dict)  # metric -> absolute floor under the gate's band
     jobs: int = 1              # runs at once (worker processes); for suites of many small CPU runs
+    cluster: dict = field(default_factory=dict)   # executor resources: Slurm partition, GPUs/CPUs per run, ...
     path: str = ""
 
 
@@ -376,7 +380,8 @@ def _sweep(s: Any, where: str) -> Sweep:
     cards = [check_str(w, f"{d['name']}.cards", c) for c in check_list(w, f"{d['name']}.cards", d.get("cards", []),
                                                                         nonempty=False)]
     return Sweep(name=d["name"], param=d["param"], values=tuple(values), cards=tuple(cards),
-                 sampler=dict(check_map(w, f"{d['name']}.sampler", d.get("sampler", {}))))
+                 sampler=dict(check_map(w, f"{d['name']}.sampler", d.get("sampler", {}))),
+                 n_fake=check_int(w, f"{d['name']}.n_fake", d.get("n_fake"), 2, optional=True))
 
 
 def _tolerances(tol: Any, where: str) -> dict:
@@ -423,6 +428,9 @@ def load_suite(name_or_path: str) -> Suite:
     for c, o in overrides.items():
         check_map(where, f"overrides.{c}", o)
     d["tolerances"] = _tolerances(d.get("tolerances"), where)
+    from genbench.executors import check_cluster   # the keys live with the executors
+
+    d["cluster"] = check_cluster(d.get("cluster"), where)
     suite = Suite(datasets=datasets, eval=ev, sweeps=sweeps, overrides=overrides, cards=cards, path=where, **d)
     loaded = [load_card(c, overrides.get(c), relative_to=path.parent) for c in cards]  # fail before anything runs
     card_names = [c.name for c in loaded]

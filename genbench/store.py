@@ -256,7 +256,9 @@ def rows_of_record(rec: RunRecord) -> list[dict]:
     """One DataFrame row per evaluation point of a run: the main one, then each further point."""
     base = {"suite": rec.suite, "dataset": rec.dataset, "card": rec.card, "family": rec.family, "kind": rec.kind,
             "seed": rec.seed, "status": rec.status, "suite_version": rec.suite_version,
-            "gate_tolerances": (rec.gate or {}).get("tolerances")}
+            "gate_tolerances": (rec.gate or {}).get("tolerances"),
+            # the run's own sample count: a point may use another n (its prov_n_fake says so)
+            "run_n_fake": (rec.provenance or {}).get("n_fake")}
     base.update({f"trait_{k}": v for k, v in (rec.traits or {}).items() if not isinstance(v, (dict, list))})
     train = {k: v for k, v in (rec.training or {}).items() if not isinstance(v, (dict, list))}
     prov = _flat_provenance(rec.provenance)

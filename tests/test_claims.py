@@ -297,3 +297,56 @@ def test_sampler_read_from_the_stored_sampler_options():
     rows = [dict(r, sampler={"sampler": "ancestral"}) if r["eval"] == "steps" else r for r in rows]
     checks = {ch.text: ch.verdict for s in claim(frame(rows), "C7").scopes for ch in s.checks}
     assert checks["~25 DDIM steps stay within 25% of the FID at ~250 steps"] == NOT_MEASURED
+
+
+# --------------------------------------------------------------------------- what the independent check found
+
+
+def test_scopes_split_on_the_extractor_weights_not_only_its_name():
+    rows = seeds("dcgan", {"precision": [0.9, 0.91, 0.92]}) + seeds("vae", {"precision": [0.4, 0.41, 0.42]})
+    for r in rows:
+        r["prov_extractor_sha256"] = "ab" * 32
+    for r in rows[3:]:
+        r["prov_extractor_sha256"] = "cd" * 32   # the same classifier name, retrained: another feature space
+    c = claim(frame(rows), "C1")
+    assert len(c.scopes) == 2 and c.verdict == NOT_MEASURED
+    assert any("weights abababab" in s.scope for s in c.scopes)
+
+
+def test_scopes_split_on_n_fake():
+    rows = seeds("dcgan", {"precision": [0.9, 0.91, 0.92]}) + seeds("vae", {"precision": [0.4, 0.41, 0.42]})
+    for r in rows:
+        r["run_n_fake"] = 500 if r["card"] == "dcgan" else 5000   # FID depends on n: never pooled
+    c = claim(frame(rows), "C1")
+    assert {s.scope for s in c.scopes} == {"smoke/digits [n_fake=500]", "smoke/digits [n_fake=5000]"}
+
+
+def test_c4_counts_a_seed_once_when_its_main_point_and_a_sweep_point_both_run_1000_steps():
+    gan = _speed("dcgan", 1, 5000)
+    ddpm = _speed("ddpm", 1000, 20)
+    again = [dict(r, eval="ancestral-steps", sweep_param="steps", sweep_value=1000) for r in ddpm]
+    c = claim(frame(gan + ddpm + again), "C4")
+    check = next(ch for s in c.scopes for ch in s.checks if ch.text.startswith("1000-step DDPM"))
+    assert check.numbers["ddpm ms_per_img n"] == 3.0, check.evidence
+
+
+def test_same_device_means_the_same_device_model():
+    gan = [dict(r, device="cuda:0", prov_device_model="NVIDIA H100 80GB HBM3") for r in _speed("dcgan", 1, 5000)]
+    dif = [dict(r, device="cuda:0", prov_device_model="NVIDIA H200") for r in _speed("ddpm", 1000, 20)]
+    c = claim(frame(gan + dif), "C4")
+    checks = {ch.text: ch.verdict for s in c.scopes for ch in s.checks}
+    assert checks["1000-step DDPM at least 100x slower per image than the GAN"] == NOT_MEASURED
+    same = [dict(r, prov_device_model="NVIDIA H200") for r in gan]
+    checks = {ch.text: ch.verdict for s in claim(frame(same + dif), "C4").scopes for ch in s.checks}
+    assert checks["1000-step DDPM at least 100x slower per image than the GAN"] == SUPPORTED
+
+
+def test_a_point_sampled_at_another_n_is_left_out_of_a_sweeps_fid():
+    rows = _steps("ddpm", 20, 3.2) + _steps("iddpm", 5, 3.0)
+    for r in rows:
+        r["run_n_fake"] = 500
+        if r["sweep_value"] == 1000:
+            r["prov_n_fake"] = 100     # timed on a modest n: its FID is not comparable
+    c = claim(frame(rows), "C6")
+    step = next(ch for s in c.scopes for ch in s.checks if ch.text.startswith("learned variance"))
+    assert step.verdict == NOT_MEASURED
