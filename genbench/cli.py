@@ -140,25 +140,83 @@ def _overrides(sampler, steps, eta, guidance, classifier_scale, option) -> dict:
               type=click.Choice(COMPILE_MODES),
               help="torch.compile the networks for sampling, in this mode, and the feature extractor "
                    "(CUDA; reduce-overhead adds CUDA graphs to sampling, tuned adds kernel tuning to that).")
+@click.option("--train-channels-last/--no-train-channels-last", default=True, show_default=True,
+              help="channels_last in training (CUDA, image models).")
+@click.option("--train-fused/--no-train-fused", default=True, show_default=True,
+              help="Fused AdamW/Adam/SGD steps and a multi-tensor EMA update in training (CUDA).")
+@click.option("--train-compile", default="off", show_default=True, type=click.Choice(COMPILE_MODES),
+              help="torch.compile each network for the training steps (reduce-overhead/tuned add CUDA graphs); the "
+                   "first steps' seconds are recorded.")
+@click.option("--log-every", type=int, default=None,
+              help="Training logs to the host every K steps (default 25 on CUDA, 1 on a CPU); divergence is still "
+                   "recorded at its exact step.")
+@click.option("--data-on-device/--no-data-on-device", default=True, show_default=True,
+              help="Hold the training set on the GPU when it fits (2 GiB and a quarter of free memory).")
 @click.option("--jobs", type=int, default=None,
               help="Runs at once, in worker processes sharing the CPU threads (default: the suite's "
                    "`jobs`, usually 1). Pays off for many small CPU runs, e.g. the mixtures suite.")
+@click.option("--executor", type=click.Choice(["local", "submitit", "ray"]), default="local", show_default=True,
+              help="Where runs execute: local worker processes (--jobs), Slurm jobs through submitit, or Ray tasks.")
+@click.option("--no-wait", is_flag=True,
+              help="submitit: submit the pending runs and return; a later `genbench run` collects them.")
+@click.option("--partition", default=None, help="Slurm partition (submitit).")
+@click.option("--gpus-per-run", type=float, default=None,
+              help="GPUs per run: per Slurm job (whole numbers) or per Ray task (fractions allowed).")
+@click.option("--cpus-per-run", type=int, default=None,
+              help="CPUs per run (Slurm job or Ray task); also the torch threads a run uses.")
+@click.option("--mem-gb", type=float, default=None, help="Memory per run, GB (Slurm, Ray).")
+@click.option("--time-min", type=int, default=None,
+              help="Slurm time limit per job, minutes (default 60); a job near its limit checkpoints, is requeued "
+                   "and resumes.")
+@click.option("--array-parallelism", type=int, default=None, help="At most this many Slurm array tasks at once.")
+@click.option("--max-requeues", type=int, default=None,
+              help="Time-outs after which a Slurm job is not requeued again (default 3; preemptions do not count).")
+@click.option("--submitit-cluster", type=click.Choice(["slurm", "local", "debug"]), default=None,
+              help="submitit backend: slurm (default), local (jobs as local processes) or debug (in this process).")
+@click.option("--submitit-folder", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="submitit's job folder (pickles, logs); default RESULTS_DIR/.submitit.")
+@click.option("--ray-address", default=None,
+              help="Address of a running Ray cluster (auto, ray://head:10001); default $RAY_ADDRESS, else a local one.")
+@click.option("--ray-max-retries", type=int, default=None,
+              help="Times Ray retries a run whose worker process died (default 2).")
+@click.option("--lease-stale-s", type=float, default=None, envvar="GENBENCH_LEASE_STALE_S", show_envvar=True,
+              help="A run's lease whose holder has been silent this long is stale and taken over (default 600).")
+@click.option("--checkpoint-every-s", type=float, default=None, envvar="GENBENCH_CHECKPOINT_EVERY_S",
+              show_envvar=True, help="Seconds between training checkpoints (default 60; 0: after every step).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @user_errors
 def run_cmd(suite_name, results_dir, data_root, device, seeds, first_seed, only, inception_weights, extractor,
-            budget_kimg, download, dry_run, rerun, bf16, train_bf16, channels_last, feature_cache, compile_mode, jobs,
+            budget_kimg, download, dry_run, rerun, bf16, train_bf16, channels_last, feature_cache, compile_mode,
+            train_channels_last, train_fused, train_compile, log_every, data_on_device, jobs, executor, no_wait,
+            partition, gpus_per_run, cpus_per_run, mem_gb, time_min, array_parallelism, max_requeues,
+            submitit_cluster, submitit_folder, ray_address, ray_max_retries, lease_stale_s, checkpoint_every_s,
             no_progress):
     """Train, sample and evaluate every card of a suite; finished runs are skipped."""
     from genbench.config import load_suite
+    from genbench.executors import check_engine
     from genbench.fastpath import FastPath
     from genbench.runner import RunOptions, plan, run_suite
+    from genbench.train import TrainFastPath
 
+    check_engine(executor)
+    if log_every is not None and log_every < 1:
+        raise UserError(f"--log-every must be at least 1, got {log_every}")
     suite = load_suite(suite_name)
+    cluster = {k: v for k, v in {"partition": partition, "gpus_per_task": gpus_per_run, "cpus_per_task": cpus_per_run,
+               "mem_gb": mem_gb, "time_min": time_min, "array_parallelism": array_parallelism,
+               "max_requeues": max_requeues, "submitit_cluster": submitit_cluster,
+               "folder": str(submitit_folder) if submitit_folder else None, "ray_address": ray_address,
+               "max_retries": ray_max_retries}.items() if v is not None}
     opts = RunOptions(results_dir=results_dir, data_root=data_root, device=device, seeds=seeds, first_seed=first_seed,
                       only=_only(only), inception_weights=inception_weights, download=download, extractor=extractor,
                       progress=_progress(no_progress), budget_kimg=budget_kimg,
                       fast=FastPath(bf16=bf16, channels_last=channels_last, compile=compile_mode),
-                      train_bf16=train_bf16, feature_cache=feature_cache, jobs=jobs, rerun=rerun)
+                      train_bf16=train_bf16, feature_cache=feature_cache, jobs=jobs, rerun=rerun,
+                      executor=executor, cluster=cluster, wait=not no_wait, lease_stale_s=lease_stale_s,
+                      checkpoint_every_s=checkpoint_every_s,
+                      train_fast=TrainFastPath(bf16=train_bf16, channels_last=train_channels_last, fused=train_fused,
+                                               compile=train_compile, log_every=log_every,
+                                               data_on_device=data_on_device))
     p = plan(suite, opts)
     if dry_run:
         click.echo(json.dumps(p.describe(), indent=2))
@@ -358,14 +416,30 @@ def summarize_cmd(results_dir, out):
 @main.command("bench")
 @click.option("--suite", "suite_name", default="smoke", show_default=True, help="Suite whose cards are timed.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--batch-sizes", default="64", show_default=True, help="Comma-separated sampling batch sizes.")
-@click.option("--batches", type=int, default=2, show_default=True, help="Timed batches per point (after warm-up).")
+@click.option("--train", "train_mode", is_flag=True,
+              help="Time training steps instead of sampling: img/s, ms per step, peak memory, FLOPs per step and "
+                   "MFU, per card and phase.")
+@click.option("--batch-sizes", default=None,
+              help="Comma-separated batch sizes (default: 64 for sampling; each card's own batch size for --train).")
+@click.option("--batches", type=int, default=2, show_default=True, help="Timed sampling batches per point (after warm-up).")
+@click.option("--train-steps", type=int, default=5, show_default=True, help="With --train: timed steps per card and phase.")
+@click.option("--warmup", type=int, default=3, show_default=True,
+              help="With --train: steps before timing (compilation, CUDA graph recording), timed apart.")
+@click.option("--peak-tflops", type=float, default=None,
+              help="With --train: peak TFLOP/s for MFU (default: the device's bf16 dense peak from "
+                   "genbench.bench.PEAK_TFLOPS; none on a CPU).")
 @click.option("--only", default=None, help="Comma-separated card names.")
 @click.option("--steps", type=int, default=None,
               help="Override the sampler's steps (diffusion cards; the other families have no steps).")
-@click.option("--bf16/--no-bf16", default=True, show_default=True, help="bf16 autocast while sampling (CUDA).")
+@click.option("--bf16/--no-bf16", default=True, show_default=True, help="bf16 autocast (CUDA).")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
               help="channels_last memory format (CUDA, image models).")
+@click.option("--fused/--no-fused", default=True, show_default=True,
+              help="With --train: fused optimizer steps and a multi-tensor EMA update (CUDA).")
+@click.option("--log-every", type=int, default=None,
+              help="With --train: move logs to the host every K steps (default 25 on CUDA, 1 on a CPU).")
+@click.option("--data-on-device/--no-data-on-device", default=True, show_default=True,
+              help="With --train: hold the data on the GPU when it fits.")
 @click.option("--compile", "compile_mode", default="off", show_default=True,
               type=click.Choice(COMPILE_MODES),
               help="torch.compile mode for the networks (reduce-overhead adds CUDA graphs, tuned adds "
@@ -373,9 +447,10 @@ def summarize_cmd(results_dir, out):
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("results/bench.json"),
               show_default=True, help="JSON file for the measurements.")
 @user_errors
-def bench_cmd(suite_name, device, batch_sizes, batches, only, steps, bf16, channels_last, compile_mode, out):
-    """Sampling cost of every card in a suite: img/s, ms/img, NFE, peak memory (untrained weights)."""
-    from genbench.bench import bench_suite, table
+def bench_cmd(suite_name, device, train_mode, batch_sizes, batches, train_steps, warmup, peak_tflops, only, steps,
+              bf16, channels_last, fused, log_every, data_on_device, compile_mode, out):
+    """Sampling (or with --train, training) cost of every card in a suite, with untrained weights."""
+    from genbench.bench import bench_suite, bench_training, table
     from genbench.config import load_suite
     from genbench.fastpath import FastPath
     from genbench.runner import resolve_device
@@ -387,14 +462,32 @@ def bench_cmd(suite_name, device, batch_sizes, batches, only, steps, bf16, chann
         sizes = [int(b) for b in _csv(batch_sizes)]
     except ValueError:
         raise UserError(f"--batch-sizes: {batch_sizes!r} is not a comma-separated list of integers") from None
-    if not sizes or min(sizes) < 1 or batches < 1:
-        raise UserError("--batch-sizes and --batches must be positive")
+    if batch_sizes is not None and (not sizes or min(sizes) < 1):
+        raise UserError("--batch-sizes must be positive")
+    if batches < 1 or train_steps < 1 or warmup < 0:
+        raise UserError("--batches and --train-steps must be positive, --warmup at least 0")
     if steps is not None and steps < 1:
         raise UserError("--steps must be at least 1")
+    if log_every is not None and log_every < 1:
+        raise UserError("--log-every must be at least 1")
+    if peak_tflops is not None and not peak_tflops > 0:
+        raise UserError("--peak-tflops must be positive")
     check_writable_file(out, "--out")
-    rows = bench_suite(suite, dev, sizes, batches, FastPath(bf16, channels_last, compile_mode), _only(only),
-                       {"steps": steps} if steps is not None else None, log=lambda s: click.echo(s, err=True))
-    write_json(out, {"suite": suite.name, "rows": rows})
+    log = lambda s: click.echo(s, err=True)  # noqa: E731
+    if train_mode:
+        from genbench.train import TrainFastPath
+
+        if steps is not None:
+            raise UserError("--steps is a sampling option; --train times training steps (--train-steps)")
+        fast = TrainFastPath(bf16=bf16, channels_last=channels_last, fused=fused, compile=compile_mode,
+                             log_every=log_every, data_on_device=data_on_device)
+        rows = bench_training(suite, dev, sizes or None, steps=train_steps, fast=fast, only=_only(only),
+                              warmup=warmup, peak_tflops=peak_tflops, log=log)
+        write_json(out, {"suite": suite.name, "mode": "train", "rows": rows})
+    else:
+        rows = bench_suite(suite, dev, sizes or [64], batches, FastPath(bf16, channels_last, compile_mode), _only(only),
+                           {"steps": steps} if steps is not None else None, log=log)
+        write_json(out, {"suite": suite.name, "mode": "sample", "rows": rows})
     click.echo(table(rows))
     click.echo(f"bench: {out}")
 
@@ -469,6 +562,31 @@ def evaluator_train_cmd(dataset, epochs, seed, data_root, out):
     epochs = epochs or {"digits": 30, "fashion": 6}[dataset]
     r = train_classifier(dataset, epochs=epochs, seed=seed, out=out, data_root=data_root)
     click.echo(json.dumps(r, indent=2))
+
+
+@main.command("check-family")
+@click.argument("target")
+@click.option("--shape", default=None,
+              help="Data shape CxHxW (e.g. 1x16x16, 3x32x32) or 2 for 2-D points (default: digits, 1x16x16).")
+@click.option("--classes", type=int, default=None, help="Classes in the data (default: 10, as digits).")
+@click.option("--dataset", default=None,
+              help="Take the shape and classes from this dataset (e.g. digits, fashion, ring8) instead of --shape.")
+@click.option("--device", default="cpu", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--option", multiple=True, metavar="KEY=VALUE",
+              help="A sampler option over the base sampler (the card's, or the class's conformance_sampler); "
+                   "repeatable.")
+@user_errors
+def check_family_cmd(target, shape, classes, dataset, device, option):
+    """Run genbench's conformance checks on a family: a built-in or entry-point name, an import path
+    package.module:Class, or a card (file or name). Exit 0 when every check passes, 1 when one fails,
+    2 on a target that does not resolve."""
+    from genbench.conformance import check_target
+    from genbench.external import parse_option
+
+    sampler = dict(parse_option(text) for text in option)
+    report = check_target(target, shape=shape, classes=classes, dataset=dataset, device=device, sampler=sampler)
+    click.echo(report.table())
+    sys.exit(0 if report.ok else 1)
 
 
 if __name__ == "__main__":

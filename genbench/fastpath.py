@@ -69,16 +69,38 @@ def prepare(model: torch.nn.Module, device, fp: FastPath) -> torch.nn.Module:
     tune_cudnn(device)
     if on_cuda and fp.channels_last and getattr(model, "spec", None) is not None and model.spec.is_image:
         model.to(memory_format=torch.channels_last)
-    if fp.compile != "off":
-        if fp.compile not in COMPILE_MODES:
-            raise ValueError(f"compile mode {fp.compile!r} is not one of {COMPILE_MODES}")
-        # Compile each child network in place: the sampling loop stays Python, every network
-        # call inside it runs the compiled graph (with CUDA graphs under reduce-overhead).
-        how = {"options": _TUNED_OPTIONS} if fp.compile == TUNED else {"mode": fp.compile}
-        for child in model.children():
-            if any(True for _ in child.parameters()):
-                child.compile(dynamic=False, **how)
+    compile_networks(model, fp.compile)
     return model
+
+
+def compile_networks(model: torch.nn.Module, mode: str) -> list[str]:
+    """torch.compile each child network of `model` in place (static shapes), in `mode`; returns the
+    children's names. The calling loop (sampling, a training step) stays Python and every network call
+    inside it runs the compiled graph (with CUDA graphs under reduce-overhead and tuned). "off": nothing."""
+    if mode == "off":
+        return []
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r} is not one of {COMPILE_MODES}")
+    how = {"options": _TUNED_OPTIONS} if mode == TUNED else {"mode": mode}
+    names = []
+    for name, child in model.named_children():
+        if any(True for _ in child.parameters()):
+            child.compile(dynamic=False, **how)
+            names.append(name)
+    return names
+
+
+def uncompile_networks(model: torch.nn.Module, names) -> None:
+    """Undo compile_networks for these children (their eager forward again; weights untouched)."""
+    for name in names:
+        child = getattr(model, name, None)
+        if child is not None and hasattr(child, "_compiled_call_impl"):
+            child._compiled_call_impl = None
+
+
+def uses_cudagraphs(mode: str) -> bool:
+    """Whether a compile mode captures CUDA graphs (then each training step marks its start)."""
+    return mode in ("reduce-overhead", TUNED, "max-autotune")
 
 
 def autocast(device, fp: FastPath):

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from genbench import data as gdata
+from genbench import metrics as metric_registry
 from genbench import store
 from genbench.config import Card, Suite, suite_cards, to_dict
 from genbench.errors import UserError
@@ -34,7 +35,7 @@ from genbench.families.base import DataSpec, GenerativeModel
 from genbench.fastpath import FastPath, prepare
 from genbench.record import EvalPoint, RunRecord
 from genbench.scoring import Extractor, Reference, build_extractor, likelihood_metrics, provenance, reference_features
-from genbench.train import train
+from genbench.train import TrainFastPath, train
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,12 @@ class RunOptions:
     train_bf16: bool = True           # bf16 autocast in the training steps (CUDA only)
     feature_cache: bool = True        # reference features cached under results_dir/.cache
     rerun: bool = False               # redo finished runs whose settings differ from this plan
+    executor: str = "local"           # local | submitit | ray (genbench/executors/)
+    cluster: dict = dataclasses.field(default_factory=dict)   # executor resources/options over the suite's `cluster:`
+    wait: bool = True                 # submitit: wait for the jobs; False: submit and return (a later run collects)
+    lease_stale_s: float | None = None       # a silent lease is stale after this; None: $GENBENCH_LEASE_STALE_S or 600
+    checkpoint_every_s: float | None = None  # training checkpoint interval; None: $GENBENCH_CHECKPOINT_EVERY_S or 60
+    train_fast: TrainFastPath = TrainFastPath()   # training fast path (CUDA parts; compile opt-in)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -111,12 +118,15 @@ class Plan:
         return {"suite": to_dict(self.suite), "cards": [to_dict(c) for c in self.cards], "seeds": self.seeds,
                 "device": str(self.device), "budget_kimg": self.budget_kimg, "train_bf16": self.train_bf16,
                 "feature_cache": str(self.feature_cache_dir) if self.feature_cache_dir else None,
-                "fast_path": self.opts.fast.describe(self.device), "extractors": self.extractors,
-                "results_dir": str(self.opts.results_dir), "jobs": effective_jobs(self), "rerun": self.opts.rerun,
+                "fast_path": self.opts.fast.describe(self.device),
+                "train_fast_path": {**self.opts.train_fast.describe(self.device), "bf16": self.train_bf16},
+                "extractors": self.extractors, "results_dir": str(self.opts.results_dir), "jobs": effective_jobs(self),
+                "rerun": self.opts.rerun, "executor": self.opts.executor, "cluster": self.opts.cluster,
                 "runs": [f"{ds.name}/{c.name}/seed{s}" for ds, c, s in self.runs()]}
 
 
-def _sweep_points(suite: Suite, card: Card) -> list[tuple[str, str, object, dict]]:
+def _sweep_points(suite: Suite, card: Card) -> list[tuple[str, str, object, dict, int | None]]:
+    """(sweep name, param, value, sampler, n_fake or None) of every sweep point that applies to `card`."""
     family = get_family(card.family)
     points = []
     for sw in suite.sweeps:
@@ -126,7 +136,7 @@ def _sweep_points(suite: Suite, card: Card) -> list[tuple[str, str, object, dict
         if not sw.cards and sw.param not in family.sampler_options:
             continue
         for v in sw.values:
-            points.append((sw.name, sw.param, v, {**card.sampler, **sw.sampler, sw.param: v}))
+            points.append((sw.name, sw.param, v, {**card.sampler, **sw.sampler, sw.param: v}, sw.n_fake))
     return points
 
 
@@ -167,7 +177,8 @@ def plan(suite: Suite, opts: RunOptions, check_inputs: bool = True) -> Plan:
     if check_inputs:
         missing += check_data(p)
         if missing:
-            raise UserError("missing inputs: " + " | ".join(missing))
+            raise UserError(("an input is not usable: " if len(missing) == 1 else
+                             f"{len(missing)} inputs are not usable: ") + " | ".join(missing))
         check_models(p)
         store.check_writable_dir(opts.results_dir, "--results-dir")
         for ds, card, seed in p.runs():   # every run folder name is checked before the first one is made
@@ -228,7 +239,7 @@ def check_models(p: Plan) -> None:
         for card in p.cards:
             model = _meta_model(card, spec)
             fam = type(model)
-            for name, _, _, sampler in [("main", None, None, card.sampler), *_sweep_points(p.suite, card)]:
+            for name, _, _, sampler, _ in [("main", None, None, card.sampler, None), *_sweep_points(p.suite, card)]:
                 bad = [k for k in sampler if fam.sampler_options and k not in fam.sampler_options]
                 if bad:
                     raise UserError(f"card {card.name!r}: sampler option {bad[0]!r} is not one of "
@@ -293,10 +304,17 @@ def _set_aside_run(rdir: Path) -> Path:
 
 
 def run_suite(p: Plan, log=print) -> dict[str, int]:
-    """Run every planned run; returns counts by outcome (complete, diverged, failed, skipped).
+    """Run every planned run; returns counts by outcome (complete, diverged, failed, skipped, and
+    submitted when jobs were submitted without waiting).
 
-    With more than one job, runs go to worker processes (spawned, so no thread pool is forked), each
-    with an even share of the CPU threads; finished-run lines are logged as runs end."""
+    Finished runs are skipped here; the others go to the plan's executor (genbench/executors/: local
+    worker processes, Slurm through submitit, Ray), which runs each through `execute_run`: the run's
+    lease is taken first, so a run held by another process is skipped with a line naming the holder.
+    One line is logged per run as it ends."""
+    from genbench.executors import RunTask, get_executor
+
+    executor = get_executor(p)   # a missing engine or a bad option: one UserError, before any work
+    p = resolved_plan(p)
     counts = {"complete": 0, "diverged": 0, "failed": 0, "skipped": 0}
     runs = list(p.runs())
     todo = []
@@ -307,34 +325,164 @@ def run_suite(p: Plan, log=print) -> dict[str, int]:
             counts["skipped"] += 1
             log(f"{tag}: {line or 'finished earlier, skipped'}")
             continue
-        if state == "stale":
-            moved = _set_aside_run(p.run_dir(ds, card, seed))
-            log(f"{tag}: {line}; the old folder is now {moved.name}")
-        todo.append((ds, card, seed, tag))
-    jobs = min(effective_jobs(p), len(todo)) if todo else 1
-    if jobs <= 1:
-        for ds, card, seed, tag in todo:
-            status, line = _run_logged(p, ds, card, seed, tag)
-            counts[status] += 1
-            log(line)
-        return counts
-    # Bars from several processes would overwrite each other: one line per finished run instead.
-    worker_plan = dataclasses.replace(p, opts=dataclasses.replace(p.opts, progress=False))
-    threads = max(1, torch.get_num_threads() // jobs)
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-        pending = {pool.submit(_run_logged, worker_plan, ds, card, seed, tag) for ds, card, seed, tag in todo}
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                if fut.exception() is not None:   # a UserError: the same input fails every run
-                    for f in pending:
-                        f.cancel()
-                    raise fut.exception()
-                status, line = fut.result()
-                counts[status] += 1
-                log(line)
+        todo.append(RunTask(ds, card, seed, tag))   # "stale" ones are set aside under their lease
+    for status, line in executor.run(p, todo, log):
+        counts[status] = counts.get(status, 0) + 1
+        log(line)
     return counts
+
+
+CHECKPOINT_ENV = "GENBENCH_CHECKPOINT_EVERY_S"
+ATTEMPT_LOG_ENV = "GENBENCH_ATTEMPT_LOG"
+
+
+def checkpoint_interval(opts: RunOptions) -> float:
+    """Seconds between training checkpoints: opts.checkpoint_every_s, else $GENBENCH_CHECKPOINT_EVERY_S,
+    else 60 (0: after every step)."""
+    v = opts.checkpoint_every_s
+    where = "--checkpoint-every-s"
+    if v is None:
+        env = os.environ.get(CHECKPOINT_ENV)
+        if not env:
+            return 60.0
+        where = f"${CHECKPOINT_ENV}"
+        try:
+            v = float(env)
+        except ValueError:
+            raise UserError(f"{where}={env!r} is not a number of seconds") from None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+        raise UserError(f"{where} must be a non-negative number of seconds, got {v!r}")
+    return float(v)
+
+
+def resolved_plan(p: Plan) -> Plan:
+    """The plan with the settings that environment variables may give (lease stale time, checkpoint
+    interval) made explicit, so a worker on another machine uses this invocation's values."""
+    from genbench import lease
+
+    opts = dataclasses.replace(p.opts, lease_stale_s=lease.stale_after(p.opts.lease_stale_s),
+                               checkpoint_every_s=checkpoint_interval(p.opts))
+    return dataclasses.replace(p, opts=opts)
+
+
+def run_key(p: Plan, ds, card: Card, seed: int) -> str:
+    return f"{p.suite.name}/{ds.name}/{card.name}/seed{seed}"
+
+
+def execute_run(p: Plan, ds, card: Card, seed: int, tag: str, *, token: str | None = None,
+                who: str = "genbench run", job: dict | None = None, wait_own: bool = False, log=None,
+                on_lease=None) -> tuple[str, str]:
+    """One run wherever it executes (this process, a worker process, a Slurm job, a Ray task): take its
+    lease, check it again under the lease (another process may have finished it meanwhile), set a
+    finished run with other settings aside, train and evaluate (train() resumes from checkpoint.pt),
+    release the lease. Returns (status, the lines to log); with `log`, notes are logged at once.
+
+    Everything is resolved here from the Plan (a plain dataclass): datasets load, families resolve by
+    name and the extractor is built in this process. `token` is the claimant's identity across
+    requeues and retries (a submitit job, a Ray task): with it, a lease left by the same token's
+    previous incarnation is taken back. `on_lease(lease)` is called once the lease is held."""
+    from genbench import lease as lease_mod
+
+    p = _here(p)
+    rdir = p.run_dir(ds, card, seed)
+    got = lease_mod.acquire(rdir, stale_after_s=p.opts.lease_stale_s, token=token, who=who, job=job,
+                            run=run_key(p, ds, card, seed), wait_own=wait_own)
+    if isinstance(got, lease_mod.Holder):
+        return "skipped", f"{tag}: held by {got.describe()}; skipped"
+    notes: list[str] = []
+
+    def note(line: str) -> None:
+        log(line) if log is not None else notes.append(line)
+
+    def out(status: str, line: str) -> tuple[str, str]:
+        return status, "\n".join([*notes, line])
+
+    if on_lease is not None:
+        on_lease(got)
+    try:
+        with got:
+            if got.took_over is not None and not got.readopted:
+                note(f"{tag}: took over the stale lease of {got.took_over.describe()} ({got.why})")
+            state, line = finished_state(p, ds, card, seed)
+            if state == "skip":
+                return out("skipped", f"{tag}: {line or 'finished meanwhile by another process, skipped'}")
+            if state == "stale":
+                moved = _set_aside_contents(rdir)
+                note(f"{tag}: {line}; the old folder is now {moved.name}")
+            resumed = _checkpoint_kimg(rdir)
+            if resumed is not None:
+                note(f"{tag}: resumes from its checkpoint at {resumed:.4g} kimg")
+            _log_attempt(p, ds, card, seed, got, resumed)
+            status, line = _run_logged(p, ds, card, seed, tag)
+    except KeyboardInterrupt:
+        if not got.interrupted:
+            raise
+        new = got.lost.describe() if isinstance(got.lost, lease_mod.Holder) else "another process"
+        return out("skipped", f"{tag}: lost its lease to {new} (this process was silent for longer than "
+                              f"the stale time); stopped, the new holder goes on")
+    return out(status, line)
+
+
+def _here(p: Plan) -> Plan:
+    """The plan with --device auto resolved on this machine (a Slurm job or Ray task may have a GPU the
+    submitting host lacks)."""
+    if p.opts.device != "auto":
+        return p
+    device = resolve_device("auto")
+    return p if device == p.device else dataclasses.replace(p, device=device)
+
+
+def _checkpoint_kimg(rdir: Path) -> float | None:
+    """The kimg a run's checkpoint.pt was saved at (None without one; nan when it cannot be read:
+    train() then sets it aside and starts over)."""
+    path = Path(rdir) / store.CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return float(ckpt["state"]["kimg"])
+    except Exception:  # noqa: BLE001 - only for the log line
+        return float("nan")
+
+
+def _log_attempt(p: Plan, ds, card: Card, seed: int, got, resumed: float | None) -> None:
+    """One JSON line per training attempt to $GENBENCH_ATTEMPT_LOG, when set (an audit of who trained
+    what; tests count trainings with it)."""
+    import json
+    import socket
+
+    path = os.environ.get(ATTEMPT_LOG_ENV)
+    if not path:
+        return
+    line = json.dumps({"run": run_key(p, ds, card, seed), "results_dir": str(Path(p.opts.results_dir).resolve()),
+                       "host": socket.gethostname(), "pid": os.getpid(), "token": got.token, "who": got.me.who,
+                       "time": time.time(), "resumed_from_kimg": resumed,
+                       "took_over": got.took_over.token if got.took_over is not None else None})
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def _set_aside_contents(rdir: Path) -> Path:
+    """Move a finished run's files (all but its lease) into a new `.replaced-seedK-N` folder beside it:
+    kept for a look, never found as a run again; the lease stays, so the run stays claimed."""
+    from genbench.lease import is_lease_file
+
+    rdir = Path(rdir)
+    n = 1
+    while True:
+        dest = rdir.parent / f".replaced-{rdir.name}-{n}"
+        try:
+            dest.mkdir()
+            break
+        except FileExistsError:
+            n += 1
+    for entry in rdir.iterdir():
+        if not is_lease_file(entry.name) and not entry.name.startswith(".lease-"):
+            os.replace(entry, dest / entry.name)
+    return dest
 
 
 def effective_jobs(p: Plan) -> int:
@@ -412,7 +560,8 @@ def run_one(p: Plan, ds, card: Card, seed: int, rdir: Path, extractor: Extractor
 
     result = train(model, train_data, budget_kimg=budget, batch_size=card.batch_size, seed=seed, run_dir=rdir,
                    ema_decay=card.ema, cheap_eval=cheap_eval if ev.every_kimg else None,
-                   every_kimg=ev.every_kimg, progress=opts.progress, bf16=p.train_bf16, log=_warn)
+                   every_kimg=ev.every_kimg, progress=opts.progress, bf16=p.train_bf16, log=_warn,
+                   checkpoint_every_s=checkpoint_interval(opts), fast=opts.train_fast)
     st = result.state
     store.write_csv(rdir / store.TRAIN_LOG_FILE, st.log or [{"kimg": 0}])
     store.write_csv(rdir / store.CURVES_FILE, st.curves or [{"kimg": st.kimg}])
@@ -420,7 +569,8 @@ def run_one(p: Plan, ds, card: Card, seed: int, rdir: Path, extractor: Extractor
     rec.settings = p.settings(ds, card)
     rec.training = {"kimg": round(st.kimg, 4), "wall_s": round(st.wall_s, 2), "steps": st.steps,
                     "diverged_at_kimg": st.diverged_at_kimg, "diverged_reason": st.diverged_reason,
-                    "budget_kimg": budget, "batch_size": card.batch_size, "ema": card.ema, "bf16": p.train_bf16}
+                    "budget_kimg": budget, "batch_size": card.batch_size, "ema": card.ema, "bf16": p.train_bf16,
+                    "fast_path": result.fast_path}
     rec.provenance = provenance(extractor, n_real=n_real if extractor else None, n_fake=ev.n_fake,
                                 ref_split=ev.ref_split, image_size=list(train_data.x.shape[1:]), device=p.device,
                                 seed=seed)
@@ -436,10 +586,14 @@ def run_one(p: Plan, ds, card: Card, seed: int, rdir: Path, extractor: Extractor
                                               batch_size=ev.batch_size))
         if grid is not None:
             save_grid(rdir / store.SAMPLES_FILE, grid, ref)
-        for name, param, value, sampler in _sweep_points(suite, card):
-            m, s, _ = evaluate_point(model, sampler, seed, main_settings, ref, extractor, reference, fast=opts.fast,
+        for name, param, value, sampler, n_fake in _sweep_points(suite, card):
+            settings, prov = main_settings, None
+            if n_fake is not None and n_fake != ev.n_fake:
+                groups = tuple(g for g in ev.metrics if metric_registry.GROUPS[g].needs(ev) <= n_fake)
+                settings, prov = PointSettings(n_fake, ev.batch_size, groups, ev.kid_subset_size), {"n_fake": n_fake}
+            m, s, _ = evaluate_point(model, sampler, seed, settings, ref, extractor, reference, fast=opts.fast,
                                      progress=opts.progress)
-            rec.sweeps.append(EvalPoint(name, param, value, sampler, m, s))
+            rec.sweeps.append(EvalPoint(name, param, value, sampler, m, s, prov))
     store.write_record(rdir, rec)   # last: marks the run finished
     (rdir / store.CHECKPOINT_FILE).unlink(missing_ok=True)
     return rec.status

@@ -208,6 +208,9 @@ class GAN(GenerativeModel):
     def configure_optimizers(self, phase: Phase) -> dict[str, torch.optim.Optimizer]:
         # Fused Adam: one kernel for all tensors; on CPU it halves the step time of the small MLPs.
         fused = all(p.device.type in ("cpu", "cuda") for p in self.parameters())
+        # The D:G schedule's host-side count is re-read from the d_steps buffer at the next step (once per
+        # phase, after the loop has loaded any checkpoint), then counted on the host: no sync per step.
+        self._d_steps_host = None
         return {"d": torch.optim.Adam(self.D.parameters(), lr=self.lr_d, betas=self.betas, fused=fused),
                 "g": torch.optim.Adam(self.G.parameters(), lr=self.lr_g, betas=self.betas, fused=fused)}
 
@@ -238,7 +241,11 @@ class GAN(GenerativeModel):
     # ---- training
 
     def train_step(self, batch: Batch, phase: Phase,
-                   optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, float]:
+                   optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, float | torch.Tensor]:
+        """One D update (and every n_critic-th call a G update). Logs are floats, or 0-d tensors on the
+        model's device when the training loop asks for them (`tensor_logs`, set while it moves logs to the
+        host every K steps): then a step makes no host sync (n_critic > 1 reads the d_steps buffer once
+        per phase, then counts D updates on the host)."""
         x = batch.x
         y = None
         if self.conditional:
@@ -265,8 +272,15 @@ class GAN(GenerativeModel):
         gn_d = _grad_norm(self.D.parameters())
         opt_d.step()
         self.d_steps += 1
+        if self.n_critic == 1:
+            g_update = True
+        else:
+            k = getattr(self, "_d_steps_host", None)
+            k = int(self.d_steps) if k is None else k + 1
+            self._d_steps_host = k
+            g_update = k % self.n_critic == 0
 
-        if int(self.d_steps) % self.n_critic == 0:
+        if g_update:
             # G step on fresh noise; gradients only into G (D's grads are not needed). D runs in
             # eval mode so spectral norm reuses this step's u, v: one power iteration per D update.
             fake = self.G(torch.randn(n, self.z_dim, device=x.device), y)
@@ -290,9 +304,16 @@ class GAN(GenerativeModel):
         if gn_g is not None:
             keys.append("grad_norm_g")
             vals.append(gn_g)
-        out = dict(zip(keys, torch.stack(vals).tolist()))     # one device sync for all logs
-        # On D-only steps (n_critic > 1) G's gradient norm is the one of its last update.
-        self._last_grad_norm_g = out.setdefault("grad_norm_g", self._last_grad_norm_g)
+        stacked = torch.stack(vals)
+        tensor_logs = getattr(self, "tensor_logs", False)
+        # The loop sets tensor_logs when it moves logs to the host every K steps: 0-d tensors, no sync here.
+        # Otherwise floats, with one device sync for all of them.
+        out = dict(zip(keys, stacked.unbind() if tensor_logs else stacked.tolist()))
+        if "grad_norm_g" not in out:
+            # On D-only steps (n_critic > 1) G's gradient norm is the one of its last update.
+            last = self._last_grad_norm_g
+            out["grad_norm_g"] = last if tensor_logs or not torch.is_tensor(last) else float(last)
+        self._last_grad_norm_g = out["grad_norm_g"]
         return out
 
     # ---- sampling
