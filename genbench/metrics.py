@@ -199,11 +199,11 @@ register_group(MetricGroup("prc", FEATURES, "improved precision and recall (Kynk
     Metric("recall", "prc", True, "recall", FEATURES, "share of real images inside the samples' k-NN balls"),
     Metric("f_score", "prc", True, "F-score", FEATURES, "harmonic mean of precision and recall")])
 register_group(MetricGroup("modes", FEATURES, "mode coverage: classes of a domain classifier, or a mixture's "
-                           "components for 2-D points", f"{_SCORE}:modes_group", min_images=1), [
+                           "components for 2-D points", f"{_SCORE}:modes_group", min_images=4), [
     Metric("modes_covered", "modes", True, "modes covered", FEATURES, "modes holding enough samples", integer=True),
     Metric("modes_total", "modes", None, "modes total", FEATURES, "modes of the data"),
     Metric("high_quality_frac", "modes", True, "high-quality share", FEATURES,
-           "share of samples confidently in a mode"),
+           "share of samples confidently in a mode and, for classifiers, inside the real data's k-NN balls"),
     Metric("mode_kl", "modes", False, "mode KL", FEATURES, "KL of the mode histogram to uniform, nats")])
 register_group(MetricGroup("nll", HELD_OUT, "negative log-likelihood (or its bound) of held-out data"), [
     Metric("nll_bpd", "nll", False, "NLL bits/dim", HELD_OUT, "bits per dimension on held-out 8-bit data")])

@@ -5,14 +5,27 @@ Two sources of "which mode is this sample in":
     and PacGAN (Lin et al. 2018);
   * images (digits, fashion, stacked-*): a domain classifier's softmax.
 Both return the same keys (MODE_KEYS), so the report treats them alike. KL values are in nats.
+
+A classifier is confident on images that are no images of the data at all (uniform noise: the
+digits classifier is >= 0.5 sure of 98 % of them), so an image counts toward a mode only when it is
+also on the data manifold (`manifold_membership`): inside the k-NN ball (k = 3) of some reference
+image in the classifier's feature space, improved precision's membership test (Kynkaanniemi et al.
+2019) made per sample. bench/mode_robustness.py measures the rule on noise, blurred, held-out and
+two-class images.
 """
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
+from torch_fidelity.defaults import DEFAULTS
+
+from genbench.device_metrics import _knn_radii, full_fp32_matmul
 
 MODE_KEYS = ("modes_covered", "modes_total", "high_quality_frac", "mode_kl")
+# Recorded with every number (provenance "modes_code"): bump when a change here can move a value.
+MODES_CODE = "genbench.modes/2: classifier modes count confident samples inside the reference's 3-NN balls"
 HIGHER_IS_BETTER = {"modes_covered": True, "modes_total": None, "high_quality_frac": True, "mode_kl": False}
 
 # 2-D mixtures: a sample is high quality within 3 std of its nearest centre (VEEGAN/PacGAN), and a
@@ -75,16 +88,21 @@ def mixture_mode_stats(points: torch.Tensor, centers: torch.Tensor, std: float, 
 
 
 def classifier_mode_stats(probs: torch.Tensor, confidence: float = 0.5, *,
-                          min_count: int | None = None) -> dict:
+                          min_count: int | None = None, on_manifold: torch.Tensor | None = None) -> dict:
     """Mode statistics from a domain classifier's class probabilities, probs [n, k] (rows sum to 1).
 
     For Stacked datasets pass the joint over the three channels, [n, 1000] (see `stack_probs`).
       * each sample's mode is its arg-max class;
-      * modes_covered = classes predicted for at least `min_count` samples; by default
+      * a sample is *high quality* when its top probability is >= `confidence` and, where
+        `on_manifold` (bool [n], see `manifold_membership`) is given, it is on the data manifold;
+      * high_quality_frac = high-quality samples / n;
+      * modes_covered = classes predicted for at least `min_count` high-quality samples; by default
         max(1, ceil(0.1 * n / k)), a tenth of a uniform generator's share (10 for n=1000, k=10);
-      * high_quality_frac = share of samples whose top probability is >= `confidence`;
-      * mode_kl = KL(p || uniform over k) in nats, p the histogram of arg-max classes over *all*
-        samples, as VEEGAN/PacGAN report for Stacked MNIST.
+      * mode_kl = KL(p || uniform over k) in nats, p the histogram of the high-quality samples'
+        arg-max classes (log k when there are none), as for the 2-D mixtures.
+    VEEGAN/PacGAN count every sample's arg-max on Stacked MNIST; with a classifier that is confident
+    on noise that counted modes for a generator of pure noise (a wgan-gp run on stacked-fashion: 2
+    modes, a high-quality share of 0.999), hence the manifold filter.
     """
     probs = torch.as_tensor(probs).double()
     if probs.dim() != 2:
@@ -94,14 +112,61 @@ def classifier_mode_stats(probs: torch.Tensor, confidence: float = 0.5, *,
         min_count = max(1, math.ceil(CLASSIFIER_MIN_SHARE * n / k))
     if n == 0:
         return {"modes_covered": 0, "modes_total": k, "high_quality_frac": 0.0, "mode_kl": math.log(k)}
-    top, pred = probs.max(dim=1)                                    # [n], [n]
-    counts = torch.bincount(pred, minlength=k)                      # [k]
+    top, pred = probs.max(dim=1)                                    # [n], [n]; NaN rows: top NaN
+    hq = top >= confidence                                          # NaN >= c is False
+    if on_manifold is not None:
+        on_manifold = torch.as_tensor(on_manifold, dtype=torch.bool, device=hq.device).reshape(-1)
+        if on_manifold.numel() != n:
+            raise ValueError(f"on_manifold has {on_manifold.numel()} entries for {n} samples")
+        hq &= on_manifold
+    counts = torch.bincount(pred[hq], minlength=k)                  # [k]
     return {
         "modes_covered": int((counts >= min_count).sum()),
         "modes_total": k,
-        "high_quality_frac": float((top >= confidence).double().mean()),
+        "high_quality_frac": float(hq.double().mean()),
         "mode_kl": _kl_to_uniform(counts),
     }
+
+
+# The reference's k-NN radii, kept for the last reference tensor seen: a run scores many evaluation
+# points against one reference, and the radii are its n_real x n_real distances.
+_radii_cache: tuple[weakref.ref, int, int, torch.Tensor] | None = None
+
+
+def reference_radii(real: torch.Tensor, k: int = DEFAULTS["prc_neighborhood"],
+                    block: int = DEFAULTS["prc_batch_size"]) -> torch.Tensor:
+    """Distance of each reference row to its k-th nearest other row: improved precision's radii
+    (device_metrics' blocked computation, TF32 off), computed once per reference tensor."""
+    global _radii_cache
+    c = _radii_cache
+    if c is not None and c[0]() is real and c[1] == k and c[2] == block:
+        return c[3]
+    with full_fp32_matmul():
+        radii = _knn_radii(real, k, block)
+    _radii_cache = (weakref.ref(real), k, block, radii)
+    return radii
+
+
+def manifold_membership(fake: torch.Tensor, real: torch.Tensor, k: int = DEFAULTS["prc_neighborhood"],
+                        block: int = DEFAULTS["prc_batch_size"]) -> torch.Tensor:
+    """bool [n_fake] on fake's device: row i lies within the k-NN radius of at least one real row,
+    distances in the features' space. Its mean is improved precision: the same distance blocks and
+    comparisons as `device_metrics.precision_recall`, so the mean equals its precision exactly.
+    Memory is one block of distances, never n_fake x n_real. Non-finite rows are never on it."""
+    real = real.to(fake.device)
+    if len(real) <= k:
+        raise ValueError(f"the k-NN manifold test needs more than k = {k} reference images, got {len(real)}")
+    r_real = reference_radii(real, k, block)
+    finite = torch.isfinite(fake).all(dim=1)
+    f = torch.where(finite[:, None], fake, torch.zeros((), dtype=fake.dtype, device=fake.device))
+    hit = torch.zeros(len(fake), dtype=torch.bool, device=fake.device)
+    with full_fp32_matmul():
+        for i, rb in enumerate(real.split(block)):
+            rr = r_real[i * block: i * block + len(rb), None]
+            for j, fb in enumerate(f.split(block)):
+                cols = slice(j * block, j * block + len(fb))
+                hit[cols] |= (torch.cdist(rb, fb) <= rr).any(0)     # [real block, fake block], as precision
+    return hit & finite
 
 
 def stack_probs(*per_channel: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import platform
 import torch
 
 from genbench.device_metrics import METRIC_CODE
+from genbench.modes import MODES_CODE
 
 
 def provenance(extractor, *, n_real: int | None, n_fake: int, ref_split: str,
@@ -23,6 +24,7 @@ def provenance(extractor, *, n_real: int | None, n_fake: int, ref_split: str,
         "extractor_forward": extractor.forward_code if extractor else None,
         "prc_features": extractor.spec.fid_layer if extractor else None,
         "metric_code": METRIC_CODE if extractor else None,
+        "modes_code": MODES_CODE if extractor is not None and extractor.spec.num_modes else None,
         "n_real": n_real, "n_fake": n_fake, "ref_split": ref_split, "image_size": image_size,
         "versions": {"genbench": genbench.__version__, "torch": torch.__version__,
                      "torch_fidelity": torch_fidelity.__version__, "python": platform.python_version()},

@@ -66,10 +66,24 @@ def prc_group(ctx: FeatureContext) -> dict[str, float]:
 
 def modes_group(ctx: FeatureContext) -> dict[str, float]:
     """Mode statistics from a domain classifier's logits; nothing for an extractor whose logits are not
-    modes of the data (the Inception's 1008 ImageNet classes)."""
+    modes of the data (the Inception's 1008 ImageNet classes).
+
+    A sample counts toward a mode only when the classifier is confident on it and its features (the FID
+    layer) lie inside some reference image's k-NN ball (`modes.manifold_membership`, precision's test
+    per sample): the classifier is confident on noise too. For fashion-stacked the logits are already
+    the joint log-probabilities of the 1000 modes and the features the three channels' side by side
+    (384-d), so both are used as they are: the joint ball test rejects an image with one noise channel
+    (bench/mode_robustness.py)."""
     if not ctx.spec.num_modes:
         return {}
-    return classifier_mode_stats(F.softmax(ctx.logits.double(), dim=1))
+    from genbench.modes import manifold_membership
+
+    probs = F.softmax(ctx.logits.double(), dim=1)
+    if probs.shape[1] != ctx.spec.num_modes:
+        raise ValueError(f"extractor {ctx.spec.name!r} gives {probs.shape[1]} logits for "
+                         f"{ctx.spec.num_modes} modes")
+    member = manifold_membership(ctx.fid_features, ctx.ref[ctx.spec.fid_layer])
+    return classifier_mode_stats(probs, on_manifold=member)
 
 
 def score_features(fake: dict[str, torch.Tensor], ref: Reference | dict, spec, groups: Iterable[str], *,
