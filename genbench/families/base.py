@@ -99,6 +99,17 @@ class GenerativeModel(nn.Module, ABC):
         """rng.n samples, [n, *spec.shape]; images in [-1, 1]. All randomness comes from `rng`,
         so image i depends only on its seed, never on the batch it was drawn in."""
 
+    def step_logs(self, **values) -> dict[str, float | torch.Tensor]:
+        """A train_step's logs from tensors (or floats): 0-d detached tensors when the training loop moves
+        logs to the host itself every K steps (it sets `tensor_logs`: then a step makes no host sync),
+        else floats, read from the device in one transfer."""
+        tensors = {k: v for k, v in values.items() if torch.is_tensor(v)}
+        if getattr(self, "tensor_logs", False):
+            return {k: (v.detach().reshape(()) if torch.is_tensor(v) else float(v)) for k, v in values.items()}
+        host = dict(zip(tensors, torch.stack([t.detach().reshape(()).double() for t in tensors.values()]).tolist())) \
+            if tensors else {}
+        return {k: host[k] if k in host else float(v) for k, v in values.items()}
+
     def nfe(self, **sampler) -> int:
         """Network evaluations per sample (GAN 1, DDPM 1000, DDIM-50 50, PixelCNN one per code)."""
         return 1

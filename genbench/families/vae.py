@@ -238,7 +238,7 @@ class VAE(GenerativeModel):
         return {"vae": torch.optim.Adam(self.parameters(), lr=self.lr)}
 
     def train_step(self, batch: Batch, phase: Phase,
-                   optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, float]:
+                   optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, float | torch.Tensor]:
         opt = optimizers["vae"]
         opt.zero_grad(set_to_none=True)
         rec, kl, _ = self.neg_elbo(batch.x)
@@ -248,11 +248,10 @@ class VAE(GenerativeModel):
         # very sharp logistic scales early in training.
         gn = torch.nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip or float("inf"))
         opt.step()
-        logs = {"loss": loss.item(), "recon_nats": rec.mean().item(), "kl_nats": kl.mean().item(),
-                "grad_norm_vae": gn.item()}
+        logs = {"loss": loss, "recon_nats": rec.mean(), "kl_nats": kl.mean(), "grad_norm_vae": gn}
         if self.spec.is_image:
-            logs["elbo_bpd"] = ((rec + kl).mean() / (math.prod(self.spec.shape) * math.log(2))).item()
-        return logs
+            logs["elbo_bpd"] = (rec + kl).mean() / (math.prod(self.spec.shape) * math.log(2))
+        return self.step_logs(**logs)
 
     # ---- sampling and evaluation
 

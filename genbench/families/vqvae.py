@@ -325,9 +325,9 @@ class VQVAEPixelCNN(GenerativeModel):
             gn = self._clip(opt.param_groups[0]["params"])
             opt.step()
             perplexity, usage = code_stats(codes, self.num_codes)
-            return {"loss": loss.item(), "recon_mse": rec.item(), "commit": commit.item(),
-                    "codebook_perplexity": perplexity, "codebook_usage": usage,
-                    "code_restarts": float(stats["restarts"]), "grad_norm_autoencoder": gn.item()}
+            return self.step_logs(loss=loss, recon_mse=rec, commit=commit, codebook_perplexity=perplexity,
+                                  codebook_usage=usage, code_restarts=float(stats["restarts"]),
+                                  grad_norm_autoencoder=gn)
         if phase.name == "prior":
             opt = optimizers["prior"]
             opt.zero_grad(set_to_none=True)
@@ -335,8 +335,7 @@ class VQVAEPixelCNN(GenerativeModel):
             nll.backward()
             gn = self._clip(self.prior.parameters())
             opt.step()
-            return {"loss": nll.item(), "prior_bits_per_code": nll.item() / math.log(2),
-                    "grad_norm_prior": gn.item()}
+            return self.step_logs(loss=nll, prior_bits_per_code=nll.double() / math.log(2), grad_norm_prior=gn)
         raise ValueError(f"vqvae: unknown phase {phase.name!r}")
 
     # ---- sampling and evaluation
