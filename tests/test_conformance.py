@@ -1,66 +1,71 @@
-"""One conformance test over every registered family (lm-eval's habit): it builds, takes a training
-step in every phase without NaN, samples [n, *shape] in [-1, 1], and the same seeds give the same
-samples whatever the batch size."""
-import math
-
+"""The conformance checks (genbench/conformance.py, the ones `genbench check-family` runs) over every
+built-in family: it builds (also as the runner plans it, on the meta device), takes a training step in
+every phase without NaN, samples [n, *shape] in [-1, 1], the same seeds give the same samples whatever
+the batch split, other seeds differ, nfe is a positive int, its state reloads, and every declared
+sampler option is accepted at the family's example values. Each family's tiny configuration comes from
+the conformance hooks (conformance_params, conformance_sampler, sampler_examples), not from here."""
 import pytest
-import torch
+from click.testing import CliRunner
 
-from genbench.families import Batch, DataSpec, families
-from genbench.rng import SeedRNG
+from genbench import conformance
+from genbench.cli import main
+from genbench.families import DataSpec, builtin_families
 
-# family -> (tiny constructor params, sampler kwargs that keep sampling fast on CPU).
-# A new family must add its tiny configuration here: the test below fails until it does.
-TINY = {
-    "vae": ({"z_dim": 4, "channels": 8, "max_channels": 16}, {}),
-    "gan": ({"g_channels": 16, "d_channels": 16, "z_dim": 8}, {}),
-    "vqvae": ({}, {}),
-    "diffusion": ({"ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8],
-                   "timesteps": 50}, {"steps": 5}),
-}
-SHAPES = {"grey16": (1, 16, 16), "rgb16": (3, 16, 16)}
+SHAPES = {"rgb16": (3, 16, 16), "points": (2,)}
+IMAGES_ONLY = {"vqvae"}          # the VQ-VAE's conv autoencoder needs images
+FAMILIES = sorted(builtin_families())
 
 
-@pytest.mark.parametrize("family", sorted(families()))
-def test_family_has_tiny_config(family):
-    assert family in TINY, f"add a tiny configuration for family {family!r} to TINY in {__file__}"
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_declares_a_conformance_config(family):
+    cls = builtin_families()[family]
+    assert conformance.declares_config(cls), (
+        f"family {family!r} has no conformance_params: give its class the hooks (or an entry in "
+        "genbench.conformance.BUILTIN) so its checks stay fast")
+    trials, missing = conformance.sampler_trials(cls, DataSpec((1, 16, 16), 10), cls.sampler_options)
+    assert not missing, f"family {family!r}: no sampler example for {missing}"
 
 
-def _build(family, shape, num_classes=10):
-    params, sampler = TINY[family]
-    torch.manual_seed(0)
-    return families()[family](DataSpec(shape, num_classes), **params), sampler
+@pytest.mark.parametrize("family", FAMILIES)
+def test_check_family_passes_on_the_builtin_family(family):
+    """The command itself, at its default shape (digits, 1x16x16, 10 classes)."""
+    r = CliRunner().invoke(main, ["check-family", family], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "all " in r.output.splitlines()[-1] and "FAIL" not in r.output, r.output
 
 
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
-@pytest.mark.parametrize("family", sorted(TINY))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_conformance(family, shape):
-    if family not in families():
-        pytest.skip(f"family {family!r} is not registered")
-    model, sampler = _build(family, shape)
-    x = torch.rand(8, *shape) * 2 - 1
-    x = (torch.round((x + 1) * 127.5) / 127.5 - 1)            # 8-bit values, as the loader gives
-    y = torch.arange(8) % 10
-    for phase in model.phases():
-        model.start_phase(phase)
-        opts = model.configure_optimizers(phase)
-        model.train()
-        logs = model.train_step(Batch(x, y), phase, opts)
-        assert logs, f"{family} phase {phase.name} returned no logs"
-        bad = {k: v for k, v in logs.items() if not math.isfinite(float(v))}
-        assert not bad, f"{family} phase {phase.name}: non-finite logs {bad}"
-    model.eval()
-    labels = (torch.arange(4) % 10) if model.conditional else None
-    with torch.no_grad():
-        whole = model.sample(SeedRNG.for_run(7, 4), labels=labels, **sampler)
-        rng = SeedRNG.for_run(7, 4)
-        split = torch.cat([model.sample(rng[0:1], labels=None if labels is None else labels[0:1], **sampler),
-                           model.sample(rng[1:4], labels=None if labels is None else labels[1:4], **sampler)])
-        again = model.sample(SeedRNG.for_run(7, 4), labels=labels, **sampler)
-        other = model.sample(SeedRNG.for_run(8, 4), labels=labels, **sampler)
-    assert whole.shape == (4, *shape)
-    assert torch.isfinite(whole).all() and whole.min() >= -1 and whole.max() <= 1
-    assert torch.equal(whole, again), "same seeds must give the same samples"
-    assert torch.allclose(whole, split, atol=1e-4), "samples must not depend on the batch split"
-    assert not torch.allclose(whole, other), "different seeds must give different samples"
-    assert model.nfe(**sampler) >= 1
+    cls = builtin_families()[family]
+    spec = DataSpec(shape, 10)
+    rep = conformance.run_checks(cls, spec, target=family)
+    if family in IMAGES_ONLY and len(shape) == 1:
+        assert rep.failed == ["builds"], rep.table()   # refused at construction, in one named check
+        return
+    assert rep.ok, rep.table()
+    names = [c.name for c in rep.checks]
+    for must in ("builds", "plan", "nfe", "sample-shape", "sample-range", "same-seeds", "batch-split",
+                 "seeds-differ", "reload", "held-out", "unknown-option"):
+        assert must in names, names
+    assert any(n.startswith("train[") for n in names)
+    covered = {k for c in rep.checks if c.name.startswith("sampler[") for k in
+               (kv.split("=")[0] for kv in c.name[len("sampler["):-1].split(","))}
+    assert covered >= set(cls.sampler_options), (covered, cls.sampler_options)
+
+
+def test_a_class_attribute_overrides_the_builtin_table_and_subclasses_inherit():
+    from genbench.families.gan import GAN
+
+    spec = DataSpec((1, 16, 16), 10)
+
+    class SmallerGAN(GAN):
+        conformance_params = {"g_channels": 8, "d_channels": 8, "z_dim": 4}
+
+    class SameGAN(GAN):
+        pass
+
+    assert conformance.hook(SmallerGAN, "conformance_params", spec)["g_channels"] == 8
+    assert conformance.hook(SameGAN, "conformance_params", spec) == conformance.BUILTIN["gan"]["conformance_params"]
+    assert conformance.hook(SameGAN, "sampler_examples", spec) == {"truncation": [0.5, None]}
+    assert conformance.hook(object, "conformance_params", spec, default="none") == "none"

@@ -26,6 +26,11 @@ The loop is plain Python over precomputed per-step tensors, one network call per
 conditional and unconditional passes as one batch of 2n), no host syncs, so torch.compile and
 bf16 autocast apply. All noise comes from the per-image SeedRNG.
 
+Network (card param `network`, images only): left out, genbench's UNet above (the UNet arguments);
+{type: diffusers, config: {...}} a fresh diffusers UNet2DModel, {type: diffusers, path: DIR} a saved one
+(genbench/families/networks.py; the optional extra genbench[diffusers]). The UNet arguments then do
+not apply; the schedule, losses, samplers and likelihood are the same.
+
 Likelihood: nll_bpd is the variational bound in bits/dim on 8-bit data, one per image, estimated by
 stratified sampling of timesteps, dense where the bound's terms are large, with every draw from the
 image's own held-out stream, so no number depends on the batch (see nll_bpd).
@@ -179,6 +184,8 @@ class Diffusion(GenerativeModel):
                  ch: int = 128, ch_mult=(1, 2, 2, 2), num_res_blocks: int = 2, attn_resolutions=(16,),
                  dropout: float = 0.1, num_heads: int = 1, head_channels: int = -1,
                  scale_shift_norm: bool = False, resblock_updown: bool = False,
+                 # another noise-prediction network instead of the UNet (genbench/families/networks.py)
+                 network: dict | None = None,
                  # MLP (2-D points)
                  mlp_hidden: int = 256, mlp_layers: int = 4,
                  # conditioning and guidance
@@ -220,9 +227,19 @@ class Diffusion(GenerativeModel):
         c = spec.shape[0]
         out = c * (2 if self.learn_sigma else 1)
         n_emb = spec.num_classes + 1 if self.class_cond else 0
+        if network is not None and not spec.is_image:
+            raise ValueError(f"network: a UNet needs images [C, H, W]; the data are points {list(spec.shape)} "
+                             "(leave `network` out for genbench's MLP)")
         if spec.is_image:
             if spec.shape[1] != spec.shape[2]:
                 raise ValueError(f"the UNet needs square images, got {spec.shape}")
+        if network is not None:
+            from genbench.families.networks import build_network
+
+            self.net = build_network(network, in_channels=c, out_channels=out, image_size=spec.shape[1],
+                                     num_labels=spec.num_classes + int(self.p_uncond > 0) if self.class_cond else 0,
+                                     fill_labels=n_emb, timesteps=self.T)
+        elif spec.is_image:
             self.net = UNet(c, out, spec.shape[1], ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
                             attn_resolutions=attn_resolutions, dropout=dropout, num_heads=num_heads,
                             head_channels=head_channels, scale_shift_norm=scale_shift_norm,

@@ -1,5 +1,9 @@
 """A model's samples as batches: images 0..n-1 of a run seed, one seed per image, so the batch size
-never changes an image; and the same samples as uint8, the only form scoring takes."""
+never changes an image; and the same samples as uint8, the only form scoring takes.
+
+Every batch a family returns is checked here (shape [n, *spec.shape], finite, images within [-1, 1] up
+to SAMPLE_TOL): a plug-in that breaks the contract fails its run with a ValueError that says how, and
+the runner records the run as failed while the suite goes on. genbench.conformance uses the same checks."""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -9,9 +13,43 @@ import torch
 
 from genbench.data import to_uint8
 from genbench.fastpath import FastPath, autocast
-from genbench.families.base import GenerativeModel
+from genbench.families.base import DataSpec, GenerativeModel
 from genbench.rng import SeedRNG
 from genbench.timing import SamplingTimer
+
+
+SAMPLE_TOL = 1e-3    # float rounding above 1 or below -1 that is tolerated (one 8-bit level is 2/255)
+
+
+def shape_problem(x, n: int, spec: DataSpec) -> str | None:
+    """What is wrong with the shape of sample()'s result for n samples of `spec` ("returned ..."), or None."""
+    want = [n, *spec.shape]
+    if not torch.is_tensor(x):
+        return f"returned a {type(x).__name__}, not a tensor {want}"
+    if list(x.shape) != want:
+        return f"returned shape {list(x.shape)} for {n} samples; expected {want}"
+    if not x.is_floating_point():
+        return f"returned {str(x.dtype).replace('torch.', '')} samples; expected floats"
+    return None
+
+
+def range_problem(x: torch.Tensor, spec: DataSpec) -> str | None:
+    """Non-finite values, or images outside [-1, 1] (beyond SAMPLE_TOL), or None."""
+    finite = torch.isfinite(x)
+    if not finite.all():
+        return f"returned {int((~finite).sum())} NaN/inf values"
+    if spec.is_image and x.numel():
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -1 - SAMPLE_TOL or hi > 1 + SAMPLE_TOL:
+            return f"returned images in [{lo:.4g}, {hi:.4g}]; images must lie in [-1, 1]"
+    return None
+
+
+def check_samples(model: GenerativeModel, x, n: int) -> None:
+    """ValueError naming the family's class when a batch breaks the sampling contract."""
+    problem = shape_problem(x, n, model.spec) or range_problem(x, model.spec)
+    if problem is not None:
+        raise ValueError(f"{type(model).__name__}.sample() {problem}")
 
 
 def balanced_labels(n: int, num_classes: int, offset: int = 0) -> torch.Tensor:
@@ -36,7 +74,9 @@ def sample_stream(model: GenerativeModel, n: int, seed: int, batch_size: int, sa
             y = (labels[i:j] if labels is not None else balanced_labels(j - i, model.spec.num_classes, start + i))
             y = y.to(device)
         with torch.no_grad(), autocast(device, fast), (timer.batch(j - i) if timer else nullcontext()):
-            x = model.sample(rng[i:j], labels=y, **sampler).float()
+            x = model.sample(rng[i:j], labels=y, **sampler)
+        check_samples(model, x, j - i)
+        x = x.float()
         if progress:
             progress(j - i)
         yield x

@@ -1,0 +1,4 @@
+"""An example genbench family in its own package: `PixelGMM`, registered as `pixel-gmm`."""
+from genbench_pixelgmm.model import PixelGMM
+
+__all__ = ["PixelGMM"]
