@@ -284,6 +284,7 @@ class Diffusion(GenerativeModel):
     def start_phase(self, phase: Phase) -> None:
         # The classifier phase trains on q(x_t | x_0) only: the denoiser is frozen and never called.
         self.net.requires_grad_(phase.name != "classifier")
+        self._steps_host = None   # the warm-up's step count, read from the buffer once per phase (after resume)
         if self.classifier is not None:
             self.classifier.requires_grad_(phase.name == "classifier")
 
@@ -354,7 +355,8 @@ class Diffusion(GenerativeModel):
             y = torch.where(drop, torch.full_like(y, self.null_label), y)
         return y
 
-    def train_step(self, batch: Batch, phase: Phase, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, float]:
+    def train_step(self, batch: Batch, phase: Phase,
+                   optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, float | torch.Tensor]:
         if phase.name == "classifier":
             return self._classifier_step(batch, optimizers["classifier"])
         opt = optimizers["net"]
@@ -371,11 +373,13 @@ class Diffusion(GenerativeModel):
             # Stop-gradient on the mean: L_vlb only trains the variance (iDDPM section 3.1).
             vb = self._vb_terms(x0, xt, t, eps.detach(), v)
             loss = mse + self.hybrid_lambda * self.T * vb
-            logs["vb"] = vb.mean().item()
+            logs["vb"] = vb.mean()
         loss = loss.mean()
 
         if self.warmup_steps > 0:
-            scale = min(1.0, (int(self.steps_done.item()) + 1) / self.warmup_steps)
+            if getattr(self, "_steps_host", None) is None:   # one host read per phase, not one per step
+                self._steps_host = int(self.steps_done.item())
+            scale = min(1.0, (self._steps_host + 1) / self.warmup_steps)
             for g in opt.param_groups:
                 g["lr"] = self.lr * scale
         opt.zero_grad(set_to_none=True)
@@ -384,8 +388,10 @@ class Diffusion(GenerativeModel):
                                             self.grad_clip if self.grad_clip is not None else float("inf"))
         opt.step()
         self.steps_done += 1
-        logs.update(loss=loss.item(), mse=mse.mean().item(), grad_norm_net=gn.item())
-        return logs
+        if getattr(self, "_steps_host", None) is not None:
+            self._steps_host += 1
+        logs.update(loss=loss, mse=mse.mean(), grad_norm_net=gn)
+        return self.step_logs(**logs)
 
     def _classifier_step(self, batch: Batch, opt: torch.optim.Optimizer) -> dict[str, float]:
         if batch.y is None:
@@ -401,7 +407,7 @@ class Diffusion(GenerativeModel):
         gn = torch.nn.utils.clip_grad_norm_(self.classifier.parameters(), float("inf"))
         opt.step()
         acc = (logits.argmax(1) == y).float().mean()
-        return {"loss_classifier": loss.item(), "acc_classifier": acc.item(), "grad_norm_classifier": gn.item()}
+        return self.step_logs(loss_classifier=loss, acc_classifier=acc, grad_norm_classifier=gn)
 
     # ------------------------------------------------------------ sampling
 
