@@ -40,8 +40,7 @@ With a card file a trial the card's model refuses with a ValueError or TypeError
 may not support it, e.g. guidance without label dropout; refusing in one line is the contract);
 with the class's own conformance configuration every example must be accepted.
 
-Genbench's built-in families get their configuration from BUILTIN below (their classes live in
-files this module does not own; a class attribute of the same name takes precedence).
+Genbench's own families declare theirs in their class bodies, as a plug-in does.
 """
 from __future__ import annotations
 
@@ -71,59 +70,17 @@ HOOKS = ("conformance_params", "conformance_sampler", "sampler_examples")
 PASS, FAIL, NA = "pass", "FAIL", "n/a"
 
 
-def _diffusion_tiny(spec: DataSpec) -> dict:
-    """A tiny diffusion model that exercises every sampler option: learned variance, classifier-free
-    guidance (class_cond with label dropout) and a noise-aware classifier, where the data has classes."""
-    p = {"ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8], "dropout": 0.0,
-         "timesteps": 50, "learn_sigma": True, "mlp_hidden": 32, "mlp_layers": 2, "nll_timesteps": 4}
-    if spec.num_classes > 0:
-        p.update(class_cond=True, p_uncond=0.2, classifier_share=0.5,
-                 classifier={"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": []}
-                 if spec.is_image else {"hidden": 16, "layers": 1})
-    return p
-
-
-def _diffusion_examples(spec: DataSpec) -> list[dict]:
-    ex = [{"sampler": "ancestral"}, {"sampler": "ddim"}, {"sampler": "ddim", "eta": 0.5}, {"steps": 1},
-          {"variance": "large"}, {"variance": "small"}, {"variance": "learned"}, {"clip_denoised": False}]
-    if spec.num_classes > 0:
-        ex += [{"guidance": 2.0}, {"sampler": "ddim", "guidance": 1.0}, {"classifier_scale": 1.0},
-               {"sampler": "ddim", "classifier_scale": 1.0}]
-    return ex
-
-
-# Built-in families: registered name -> hooks.
-BUILTIN: dict[str, dict[str, Any]] = {
-    "vae": {"conformance_params": {"z_dim": 4, "channels": 8, "max_channels": 16, "hidden": 16, "depth": 2},
-            "sampler_examples": {"temperature": [0.0, 0.7], "decoder": ["mean", "sample"]}},
-    "gan": {"conformance_params": {"g_channels": 16, "d_channels": 16, "z_dim": 8, "hidden": 16, "layers": 2},
-            "sampler_examples": {"truncation": [0.5, None]}},
-    "vqvae": {"conformance_params": {"num_codes": 16, "code_dim": 8, "channels": 16, "prior_channels": 16,
-                                     "prior_layers": 2},
-              "sampler_examples": {"codes": ["prior", "uniform"]}},
-    "diffusion": {"conformance_params": _diffusion_tiny, "conformance_sampler": {"steps": 5},
-                  "sampler_examples": _diffusion_examples},
-}
-
-
 # ------------------------------------------------------------------------------------------ hooks
 
 
 def hook(cls: type, name: str, spec: DataSpec, default=None):
-    """The value of hook `name` for `cls` on `spec`: the first class along its bases that declares it
-    (as a class attribute, or in BUILTIN for a built-in family), called with the spec if callable."""
-    from genbench.families import builtin_families
-
-    known = builtin_families()
+    """The value of hook `name` for `cls` on `spec`: the first class along its bases that declares it as a
+    class attribute, called with the spec if callable."""
     for klass in cls.__mro__:
         if name in vars(klass):
             value = vars(klass)[name]
             if isinstance(value, (staticmethod, classmethod)):
                 value = value.__get__(None, cls)
-            break
-        reg = next((n for n, c in known.items() if c is klass), None)
-        if reg in BUILTIN and name in BUILTIN[reg]:
-            value = BUILTIN[reg][name]
             break
     else:
         return default
@@ -131,7 +88,7 @@ def hook(cls: type, name: str, spec: DataSpec, default=None):
 
 
 def declares_config(cls: type) -> bool:
-    """Whether `cls` has a conformance configuration (its own, inherited, or from BUILTIN)."""
+    """Whether `cls` has a conformance configuration (its own or inherited)."""
     probe = DataSpec(DEFAULT_SHAPE, DEFAULT_CLASSES)
     return hook(cls, "conformance_params", probe) is not None
 

@@ -299,8 +299,11 @@ def eval_run(run_dir: Path, *, device: torch.device, overrides: dict, name: str 
         feats = reference_features(ext, ref, ev.n_real, cache, batch_size=bs, progress=progress)
         reference = Reference.on(ext.device, feats)
     model = prepare(run.model, device, fast or FastPath())
-    metrics, sampling, _ = evaluate_point(model, sampler, run.record.seed, PointSettings(n, bs, groups,
-                                          ev.kid_subset_size), ref, ext, reference, fast=fast, progress=progress)
+    try:
+        metrics, sampling, _ = evaluate_point(model, sampler, run.record.seed, PointSettings(n, bs, groups,
+                                              ev.kid_subset_size), ref, ext, reference, fast=fast, progress=progress)
+    except (ValueError, FloatingPointError) as e:   # a model that breaks the sampling contract: one line
+        raise UserError(f"--run {run.rdir}: sampling failed: {e}") from None
     point = dataclasses.replace(point, metrics=metrics, sampling=sampling)
     rec = store.read_record(run.rdir)       # re-read: never lose a point another process added meanwhile
     if rec.add_point(point):
@@ -350,7 +353,10 @@ def sample_run(run_dir: Path, out: Path, *, n: int, device: torch.device, overri
     model = prepare(run.model, device, fast or FastPath())
     bar = tqdm(total=n, desc="sample", unit="img", disable=not progress, leave=False)
     stream = sample_stream(model, n, run.record.seed, bs, sampler, None, bar.update, fast, start=seed_start, labels=y)
-    images = torch.cat([u.cpu() for u in uint8_batches(stream)])
+    try:
+        images = torch.cat([u.cpu() for u in uint8_batches(stream)])
+    except (ValueError, FloatingPointError) as e:   # a model that breaks the sampling contract: one line
+        raise UserError(f"--run {run_dir}: sampling failed: {e}") from None
     bar.close()
     return sample_sets.write_sample_set(images, out, y)
 

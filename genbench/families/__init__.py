@@ -13,7 +13,8 @@ import importlib
 from importlib.metadata import entry_points
 
 from genbench.errors import UserError
-from genbench.families.base import FAMILIES, Batch, DataSpec, GenerativeModel, Phase, register_family
+from genbench.families.base import (FAMILIES, Batch, DataSpec, GenerativeModel, Phase, register_declared_metrics,
+                                    register_family)
 
 FAMILY_MODULES: tuple[str, ...] = ("vae", "gan", "diffusion", "vqvae")
 ENTRY_POINT_GROUP = "genbench.families"
@@ -51,6 +52,10 @@ def families() -> dict[str, type[GenerativeModel]]:
 def _check_class(obj, what: str, where: str) -> type[GenerativeModel]:
     if not (isinstance(obj, type) and issubclass(obj, GenerativeModel)):
         raise FamilyError(f"{where}{what} is {obj!r}, not a genbench GenerativeModel subclass")
+    try:
+        register_declared_metrics(obj)   # a plug-in's own metrics, known to list, report and gate
+    except (TypeError, ValueError, AttributeError) as e:
+        raise FamilyError(f"{where}{what}: its declared_metrics cannot be registered ({e})") from None
     return obj
 
 

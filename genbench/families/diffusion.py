@@ -171,6 +171,28 @@ def stratum_edges(T: int, k: int) -> list[tuple[int, int]]:
 @register_family("diffusion")
 class Diffusion(GenerativeModel):
     sampler_options = ("sampler", "steps", "eta", "variance", "guidance", "classifier_scale", "clip_denoised")
+    # genbench check-family: a tiny model exercising every sampler option (learned variance, classifier-free
+    # guidance with label dropout and a noise-aware classifier where the data has classes), sampled briefly
+    conformance_sampler = {"steps": 5}
+
+    @staticmethod
+    def conformance_params(spec: DataSpec) -> dict:
+        p = {"ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8], "dropout": 0.0,
+             "timesteps": 50, "learn_sigma": True, "mlp_hidden": 32, "mlp_layers": 2, "nll_timesteps": 4}
+        if spec.num_classes > 0:
+            p.update(class_cond=True, p_uncond=0.2, classifier_share=0.5,
+                     classifier={"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": []}
+                     if spec.is_image else {"hidden": 16, "layers": 1})
+        return p
+
+    @staticmethod
+    def sampler_examples(spec: DataSpec) -> list[dict]:
+        ex = [{"sampler": "ancestral"}, {"sampler": "ddim"}, {"sampler": "ddim", "eta": 0.5}, {"steps": 1},
+              {"variance": "large"}, {"variance": "small"}, {"variance": "learned"}, {"clip_denoised": False}]
+        if spec.num_classes > 0:
+            ex += [{"guidance": 2.0}, {"sampler": "ddim", "guidance": 1.0}, {"classifier_scale": 1.0},
+                   {"sampler": "ddim", "classifier_scale": 1.0}]
+        return ex
     declared_metrics = (
         Metric("eps_mse", "family", False, "held-out eps MSE", HELD_OUT,
                "noise-prediction error on held-out images at timesteps spread over 0..T-1"),

@@ -167,6 +167,9 @@ class GAN(GenerativeModel):
     Sampler: truncation (float or null)."""
 
     sampler_options = ("truncation",)
+    # genbench check-family: a tiny configuration and the values each sampler option is tried at
+    conformance_params = {"g_channels": 16, "d_channels": 16, "z_dim": 8, "hidden": 16, "layers": 2}
+    sampler_examples = {"truncation": [0.5, None]}
 
     def __init__(self, spec: DataSpec, *, loss: str = "ns", spectral_norm: bool = False,
                  gp_weight: float = 0.0, n_critic: int = 1, lr_g: float = 2e-4, lr_d: float = 2e-4,

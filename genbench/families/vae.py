@@ -153,6 +153,9 @@ class VAE(GenerativeModel):
     hidden / depth (the MLP used for 2-D points)."""
 
     sampler_options = ("temperature", "decoder")
+    # genbench check-family: a tiny configuration and the values each sampler option is tried at
+    conformance_params = {"z_dim": 4, "channels": 8, "max_channels": 16, "hidden": 16, "depth": 2}
+    sampler_examples = {"temperature": [0.0, 0.7], "decoder": ["mean", "sample"]}
     declared_metrics = (
         Metric("recon_mse", "family", False, "recon MSE", HELD_OUT,
                "squared reconstruction error of held-out images, in [-1, 1] units"),

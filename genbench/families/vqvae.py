@@ -225,6 +225,9 @@ class VQVAEPixelCNN(GenerativeModel):
     autoencoder_share (fraction of the budget for phase 1), grad_clip."""
 
     sampler_options = ("codes",)
+    # genbench check-family: a tiny configuration and the values each sampler option is tried at
+    conformance_params = {"num_codes": 16, "code_dim": 8, "channels": 16, "prior_channels": 16, "prior_layers": 2}
+    sampler_examples = {"codes": ["prior", "uniform"]}
     declared_metrics = (
         Metric("recon_mse", "family", False, "recon MSE", HELD_OUT,
                "squared reconstruction error of held-out images, in [-1, 1] units"),
