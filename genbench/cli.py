@@ -184,14 +184,22 @@ def _overrides(sampler, steps, eta, guidance, classifier_scale, option) -> dict:
 @click.option("--checkpoint-every-s", type=float, default=None, envvar="GENBENCH_CHECKPOINT_EVERY_S",
               show_envvar=True, help="Seconds between training checkpoints (default 60; 0: after every step).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@click.option("--nproc", type=int, default=None,
+              help="Data-parallel on this machine: start N ranks (torchrun --standalone --nproc_per_node N) that "
+                   "train each run with gradients averaged over them and shard its sampling and evaluation; one "
+                   "GPU per rank (NCCL), or gloo on the CPU. The card's batch size is the global batch.")
 @user_errors
 def run_cmd(suite_name, results_dir, data_root, device, seeds, first_seed, only, inception_weights, extractor,
             budget_kimg, download, dry_run, rerun, bf16, train_bf16, channels_last, feature_cache, compile_mode,
             train_channels_last, train_fused, train_compile, log_every, data_on_device, jobs, executor, no_wait,
             partition, gpus_per_run, cpus_per_run, mem_gb, time_min, array_parallelism, max_requeues,
             submitit_cluster, submitit_folder, ray_address, ray_max_retries, lease_stale_s, checkpoint_every_s,
-            no_progress):
-    """Train, sample and evaluate every card of a suite; finished runs are skipped."""
+            no_progress, nproc):
+    """Train, sample and evaluate every card of a suite; finished runs are skipped.
+
+    Under torchrun (`torchrun --nproc_per_node N -m genbench run ...`, or --nproc N here) the N ranks run
+    each run together: gradients averaged over the ranks, sampling and evaluation sharded, rank 0 writes."""
+    from genbench import distributed
     from genbench.config import load_suite
     from genbench.executors import check_engine
     from genbench.fastpath import FastPath
@@ -217,15 +225,80 @@ def run_cmd(suite_name, results_dir, data_root, device, seeds, first_seed, only,
                       train_fast=TrainFastPath(bf16=train_bf16, channels_last=train_channels_last, fused=train_fused,
                                                compile=train_compile, log_every=log_every,
                                                data_on_device=data_on_device))
+    if nproc is not None and (isinstance(nproc, bool) or nproc < 1):
+        raise UserError(f"--nproc must be a whole number of at least 1, got {nproc}")
+    if nproc is not None and distributed.launched():
+        raise UserError(f"--nproc: this process already is one of {distributed.env_world()} ranks (torchrun); "
+                        f"drop --nproc")
     p = plan(suite, opts)
+    if nproc is not None and nproc > 1:
+        from genbench.runner import check_world
+
+        check_world(p.opts, p.cards, nproc, p.device)   # what the ranks would refuse, said once, here
+        if not dry_run:
+            _launch_ranks(nproc, p.device)
     if dry_run:
-        click.echo(json.dumps(p.describe(), indent=2))
+        if distributed.env_rank() == 0:
+            click.echo(json.dumps(p.describe(), indent=2))
         return
-    counts = run_suite(p, log=lambda s: click.echo(s, err=True))
+    main_rank = distributed.env_rank() == 0
+    try:
+        counts = run_suite(p, log=(lambda s: click.echo(s, err=True)) if main_rank else (lambda s: None))
+        distributed.shutdown()
+    except distributed.JobAborted as e:
+        if main_rank:
+            click.echo(f"genbench: {e}", err=True)
+        sys.exit(1)
+    if not main_rank:
+        sys.exit(1 if counts["failed"] else 0)
     click.echo(f"{suite.name}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v) +
                f"; results in {results_dir / suite.name}")
     if counts["failed"]:
         sys.exit(1)
+
+
+def torchrun_argv(nproc: int, args: list[str]) -> list[str]:
+    """The command `genbench run --nproc N ARGS` becomes: torchrun on this machine, N ranks, the same ARGS."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "genbench", "run", *args]
+
+
+def _command_line_args(ctx: click.Context, drop: tuple[str, ...] = ("nproc",)) -> list[str]:
+    """The options of this command that were given on its command line, written out again (values from
+    environment variables travel in the environment)."""
+    from click.core import ParameterSource
+
+    out: list[str] = []
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or not param.expose_value or param.name in drop:
+            continue
+        if ctx.get_parameter_source(param.name) != ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[param.name]
+        if param.is_flag:
+            if param.secondary_opts:
+                out.append(param.opts[0] if value else param.secondary_opts[0])
+            elif value:
+                out.append(param.opts[0])
+        else:
+            out += [param.opts[0], str(value)]
+    return out
+
+
+def _launch_ranks(nproc: int, device) -> None:
+    """Replace this process by torchrun starting `nproc` ranks of the same command. On a CPU each rank
+    gets an even share of the cores as its torch threads (OMP_NUM_THREADS, unless set)."""
+    import torch
+
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise UserError(f"--nproc {nproc}: this machine has {torch.cuda.device_count()} CUDA device(s), one per rank")
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    argv = torchrun_argv(nproc, _command_line_args(click.get_current_context()))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(argv[0], argv, env)
 
 
 @main.command("eval")

@@ -7,6 +7,11 @@ the extractor weights and the results folder; missing inputs are reported all at
 is skipped (its model.pt checked against the size and hash in its record; a run whose settings differ
 from the plan is named, and redone with --rerun); a diverged run is recorded and the suite goes on; a
 crashed run is recorded as `failed` (with its error) and retried on the next invocation.
+
+Under torchrun at world N > 1 (genbench/distributed.py) the N ranks run each run together, one run at a
+time: rank 0 alone takes leases, decides what to skip, reads checkpoints and writes every file, and
+hands its decisions to the other ranks; training and every evaluation point are sharded. A crash on any
+rank is recorded once by rank 0 as `failed` and ends the job on every rank (JobAborted).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from pathlib import Path
 import torch
 
 from genbench import data as gdata
+from genbench import distributed as gdist
 from genbench import metrics as metric_registry
 from genbench import store
 from genbench.config import Card, Suite, suite_cards, to_dict
@@ -143,10 +149,12 @@ def _sweep_points(suite: Suite, card: Card) -> list[tuple[str, str, object, dict
 def plan(suite: Suite, opts: RunOptions, check_inputs: bool = True) -> Plan:
     """Resolve everything a run needs and fail on bad input now, not an hour in. Every missing input
     (dataset files, extractor weights) is named in one error."""
-    device = resolve_device(opts.device)
+    device = gdist.place(resolve_device(opts.device))
     cards = suite_cards(suite, opts.only)
     if not cards:
         raise UserError("--only selects no card")
+    if gdist.launched():
+        opts = _rank_options(opts, cards)
     n_seeds = opts.seeds if opts.seeds is not None else suite.seeds
     if isinstance(n_seeds, bool) or not isinstance(n_seeds, int) or not 1 <= n_seeds <= 100_000:
         raise UserError(f"--seeds must be a whole number in [1, 100000], got {n_seeds!r}")
@@ -184,6 +192,33 @@ def plan(suite: Suite, opts: RunOptions, check_inputs: bool = True) -> Plan:
         for ds, card, seed in p.runs():   # every run folder name is checked before the first one is made
             p.run_dir(ds, card, seed)
     return p
+
+
+def _rank_options(opts: RunOptions, cards: list[Card]) -> RunOptions:
+    """The options of a rank under torchrun (world N > 1), checked by `check_world`; only rank 0 shows
+    progress."""
+    check_world(opts, cards, gdist.env_world())
+    if gdist.env_rank() != 0:
+        opts = dataclasses.replace(opts, progress=False)
+    return opts
+
+
+def check_world(opts: RunOptions, cards: list[Card], n: int, device: torch.device | None = None) -> None:
+    """What a run at world n > 1 can and cannot do, checked before anything starts: the ranks train one
+    run at a time together (no --jobs, no other executor), and each card's batch size is the global
+    batch and must divide over the ranks."""
+    if opts.executor not in (None, "local"):
+        raise UserError(f"--executor {opts.executor}: under torchrun the ranks run the suite themselves; "
+                        f"use the local executor")
+    if opts.jobs is not None and opts.jobs > 1:
+        raise UserError(f"--jobs {opts.jobs}: under torchrun the {n} ranks train one run at a time together; "
+                        f"drop --jobs")
+    bad = [f"{c.name} ({c.batch_size})" for c in cards if c.batch_size % n]
+    if bad:
+        raise UserError(f"batch size does not divide over {n} ranks (the card's batch is the global batch, each "
+                        f"rank takes batch / {n}): {', '.join(bad)}")
+    if device is not None and device.type == "cuda" and device.index is not None:
+        raise UserError(f"--device {device}: with {n} ranks each rank takes its own GPU; use --device cuda or auto")
 
 
 def check_data(p: Plan) -> list[str]:
@@ -318,9 +353,16 @@ def run_suite(p: Plan, log=print) -> dict[str, int]:
     counts = {"complete": 0, "diverged": 0, "failed": 0, "skipped": 0}
     runs = list(p.runs())
     todo = []
+    if gdist.launched():   # the ranks join here (a no-op when the command line did it); rank 0 decides
+        dist = gdist.init(p.device)
+        states = gdist.broadcast_object([finished_state(p, *r) for r in runs] if dist.main else None)
+        if not dist.main:
+            log = _quiet
+    else:
+        states = None
     for i, (ds, card, seed) in enumerate(runs, 1):
         tag = f"[{i}/{len(runs)}] {p.suite.name}/{ds.name}/{card.name}/seed{seed}"
-        state, line = finished_state(p, ds, card, seed)
+        state, line = states[i - 1] if states is not None else finished_state(p, ds, card, seed)
         if state == "skip":
             counts["skipped"] += 1
             log(f"{tag}: {line or 'finished earlier, skipped'}")
@@ -330,6 +372,10 @@ def run_suite(p: Plan, log=print) -> dict[str, int]:
         counts[status] = counts.get(status, 0) + 1
         log(line)
     return counts
+
+
+def _quiet(line: str) -> None:
+    """The log of a rank other than 0: rank 0 prints every line."""
 
 
 CHECKPOINT_ENV = "GENBENCH_CHECKPOINT_EVERY_S"
@@ -383,6 +429,8 @@ def execute_run(p: Plan, ds, card: Card, seed: int, tag: str, *, token: str | No
     previous incarnation is taken back. `on_lease(lease)` is called once the lease is held."""
     from genbench import lease as lease_mod
 
+    if gdist.current() is not None:
+        return _execute_run_ranks(p, ds, card, seed, tag, who=who, log=log)
     p = _here(p)
     rdir = p.run_dir(ds, card, seed)
     got = lease_mod.acquire(rdir, stale_after_s=p.opts.lease_stale_s, token=token, who=who, job=job,
@@ -423,12 +471,99 @@ def execute_run(p: Plan, ds, card: Card, seed: int, tag: str, *, token: str | No
     return out(status, line)
 
 
+def _execute_run_ranks(p: Plan, ds, card: Card, seed: int, tag: str, *, who: str, log=None) -> tuple[str, str]:
+    """execute_run at world N > 1, on every rank at once. Rank 0 takes the lease, checks the run under it,
+    sets a stale one aside and broadcasts its decision; then all ranks train and evaluate. Any exception
+    on any rank (a crash, a lost lease) goes through `_abort_ranks`: one record, the job ends."""
+    from genbench import lease as lease_mod
+
+    dist = gdist.current()
+    p = _here(p)
+    rdir = p.run_dir(ds, card, seed)
+    got, started, notes = None, False, []
+
+    def note(line: str) -> None:
+        log(line) if log is not None else notes.append(line)
+
+    try:
+        decision = None
+        if dist.main:
+            got = lease_mod.acquire(rdir, stale_after_s=p.opts.lease_stale_s, who=f"{who} (torchrun rank 0 of "
+                                    f"{dist.world})", run=run_key(p, ds, card, seed))
+            if isinstance(got, lease_mod.Holder):
+                decision = ("skipped", f"{tag}: held by {got.describe()}; skipped")
+                got = None
+            else:
+                got.__enter__()
+                if got.took_over is not None and not got.readopted:
+                    note(f"{tag}: took over the stale lease of {got.took_over.describe()} ({got.why})")
+                state, line = finished_state(p, ds, card, seed)
+                if state == "skip":
+                    decision = ("skipped", f"{tag}: {line or 'finished meanwhile by another process, skipped'}")
+                else:
+                    if state == "stale":
+                        moved = _set_aside_contents(rdir)
+                        note(f"{tag}: {line}; the old folder is now {moved.name}")
+                    resumed = _checkpoint_kimg(rdir)
+                    if resumed is not None:
+                        note(f"{tag}: resumes from its checkpoint at {resumed:.4g} kimg")
+                    _log_attempt(p, ds, card, seed, got, resumed)
+                    decision = ("go", None)
+        decision = gdist.broadcast_object(decision)
+        if decision[0] != "go":
+            return decision[0], "\n".join([*notes, decision[1]])
+        started = True
+        t0 = time.time()
+        extractor = get_extractor(p.extractors[ds.name], p.device, p.opts)
+        status = run_one(p, ds, card, seed, rdir, extractor)
+        return status, "\n".join([*notes, f"{tag}: {status} in {time.time() - t0:.1f} s"])
+    except BaseException as e:  # noqa: BLE001 - every rank ends the same way, whatever it was
+        _abort_ranks(p, ds, card, seed, tag, e, got, started)
+        raise AssertionError("unreachable")
+    finally:
+        if got is not None:
+            got.__exit__(None, None, None)
+
+
+def _abort_ranks(p: Plan, ds, card: Card, seed: int, tag: str, exc: BaseException, got, started: bool) -> None:
+    """A rank failed inside a run: this rank publishes its line and aborts its collectives (the others'
+    waits end at once); rank 0 writes one `failed` record with the first failure's line (not for a lost
+    lease, whose run now belongs to another process, nor for Ctrl-C); then JobAborted on every rank."""
+    dist = gdist.current()
+    first = gdist.fail(exc)
+    lost = got is not None and getattr(got, "interrupted", False)
+    if dist.main:
+        if lost:
+            line = f"{tag}: lost its lease (this process was silent for longer than the stale time); the job stops"
+        elif started and not isinstance(exc, KeyboardInterrupt) and not isinstance(exc, UserError):
+            rec = _base_record(p, ds, card, seed, "failed")
+            rec.error = first
+            rec.traceback = "".join(traceback.format_exception(exc, limit=5)) if first.startswith("rank 0:") else None
+            rec.provenance = dict(dist.provenance())
+            try:
+                store.write_record(p.run_dir(ds, card, seed), rec)
+            except OSError as e:
+                _warn(f"{tag}: the failed record could not be written: {e}")
+            line = f"{tag}: FAILED ({first}); the distributed job stops on all {dist.world} ranks"
+        else:
+            line = f"{tag}: stopped ({first}); the distributed job stops on all {dist.world} ranks"
+        if got is not None:   # before the other ranks may exit (torchrun then stops this one too)
+            got.__exit__(None, None, None)
+        gdist.recorded()
+    else:
+        gdist.wait_recorded()
+        line = f"{tag}: stopped on rank {dist.rank} ({first})"
+    if isinstance(exc, UserError) and first.startswith(f"rank {dist.rank}:"):
+        raise exc
+    raise gdist.JobAborted(line) from exc
+
+
 def _here(p: Plan) -> Plan:
     """The plan with --device auto resolved on this machine (a Slurm job or Ray task may have a GPU the
     submitting host lacks)."""
     if p.opts.device != "auto":
         return p
-    device = resolve_device("auto")
+    device = gdist.place(resolve_device("auto"))
     return p if device == p.device else dataclasses.replace(p, device=device)
 
 
@@ -488,6 +623,8 @@ def _set_aside_contents(rdir: Path) -> Path:
 def effective_jobs(p: Plan) -> int:
     """--jobs, else the suite's `jobs`, capped by the CPU count when running on the CPU."""
     jobs = p.opts.jobs if p.opts.jobs is not None else p.suite.jobs
+    if gdist.launched():   # the ranks train one run at a time, all together
+        return 1
     if p.device.type == "cpu":
         jobs = min(jobs, os.cpu_count() or 1)
     return max(1, jobs)
@@ -533,14 +670,20 @@ def _run_logged(p: Plan, ds, card: Card, seed: int, tag: str) -> tuple[str, str]
 
 
 def run_one(p: Plan, ds, card: Card, seed: int, rdir: Path, extractor: Extractor | None) -> str:
+    """Train, evaluate and record one run; returns its status. Under torchrun every rank calls it: all
+    of them train and evaluate (sharded), rank 0 alone writes (`writes`), and every collective is
+    outside the rank-0-only parts."""
     suite, ev, opts = p.suite, p.suite.eval, p.opts
+    dist = gdist.current()
+    writes = dist is None or dist.main
     train_data = _load(ds, "train", opts)
     ref = _load(ds, ev.ref_split, opts)
     test = _load(ds, "test", opts)
     budget = p.budget_kimg
-    store.write_json(rdir / store.CONFIG_FILE, {
-        "suite": to_dict(suite), "card": to_dict(card), "dataset": to_dict(ds), "seed": seed,
-        "device": str(p.device), "budget_kimg": budget, "extractor": extractor.spec.name if extractor else None})
+    if writes:
+        store.write_json(rdir / store.CONFIG_FILE, {
+            "suite": to_dict(suite), "card": to_dict(card), "dataset": to_dict(ds), "seed": seed,
+            "device": str(p.device), "budget_kimg": budget, "extractor": extractor.spec.name if extractor else None})
     torch.manual_seed(seed)
     model = build_model(card, train_data.spec, p.device)
 
@@ -548,7 +691,7 @@ def run_one(p: Plan, ds, card: Card, seed: int, rdir: Path, extractor: Extractor
     if extractor:
         feats = reference_features(extractor, ref, ev.n_real, p.feature_cache_dir,
                                    batch_size=ev.batch_size, progress=opts.progress)
-        reference = Reference.on(extractor.device, feats)
+        reference = Reference.on(extractor.device, feats) if feats is not None else None   # rank 0's only
     n_real = (min(ev.n_real, len(ref)) if ev.n_real else len(ref))
     main_settings = PointSettings(ev.n_fake, ev.batch_size, ev.metrics, ev.kid_subset_size)
     cheap_settings = PointSettings(ev.cheap_n_fake, ev.batch_size, ev.cheap_groups, ev.kid_subset_size)
@@ -563,8 +706,9 @@ def run_one(p: Plan, ds, card: Card, seed: int, rdir: Path, extractor: Extractor
                    every_kimg=ev.every_kimg, progress=opts.progress, bf16=p.train_bf16, log=_warn,
                    checkpoint_every_s=checkpoint_interval(opts), fast=opts.train_fast)
     st = result.state
-    store.write_csv(rdir / store.TRAIN_LOG_FILE, st.log or [{"kimg": 0}])
-    store.write_csv(rdir / store.CURVES_FILE, st.curves or [{"kimg": st.kimg}])
+    if writes:
+        store.write_csv(rdir / store.TRAIN_LOG_FILE, st.log or [{"kimg": 0}])
+        store.write_csv(rdir / store.CURVES_FILE, st.curves or [{"kimg": st.kimg}])
     rec = _base_record(p, ds, card, seed, "diverged" if result.diverged else "complete")
     rec.settings = p.settings(ds, card)
     rec.training = {"kimg": round(st.kimg, 4), "wall_s": round(st.wall_s, 2), "steps": st.steps,
@@ -574,17 +718,21 @@ def run_one(p: Plan, ds, card: Card, seed: int, rdir: Path, extractor: Extractor
     rec.provenance = provenance(extractor, n_real=n_real if extractor else None, n_fake=ev.n_fake,
                                 ref_split=ev.ref_split, image_size=list(train_data.x.shape[1:]), device=p.device,
                                 seed=seed)
+    if dist is not None:   # world size, backend, each rank's host and device
+        rec.provenance.update(dist.provenance())
     if not result.diverged:
-        store.atomic_torch_save(rdir / store.MODEL_FILE, result.model.state_dict())
-        rec.model = store.file_digest(rdir / store.MODEL_FILE)
+        if writes:
+            store.atomic_torch_save(rdir / store.MODEL_FILE, result.model.state_dict())
+            rec.model = store.file_digest(rdir / store.MODEL_FILE)
         model = prepare(result.model, p.device, opts.fast)
         rec.metrics, rec.sampling, grid = evaluate_point(model, card.sampler, seed, main_settings, ref, extractor,
                                                          reference, fast=opts.fast, progress=opts.progress,
                                                          keep=64 if ref.is_image else 2000)
         rec.sampler = dict(card.sampler)
-        rec.metrics.update(likelihood_metrics(model, test, ev.metrics, max_n=ev.n_likelihood,
-                                              batch_size=ev.batch_size))
-        if grid is not None:
+        if writes:   # held-out metrics: rank 0 alone (no collective inside), the others wait for the sweeps
+            rec.metrics.update(likelihood_metrics(model, test, ev.metrics, max_n=ev.n_likelihood,
+                                                  batch_size=ev.batch_size))
+        if grid is not None and writes:
             save_grid(rdir / store.SAMPLES_FILE, grid, ref)
         for name, param, value, sampler, n_fake in _sweep_points(suite, card):
             settings, prov = main_settings, None
@@ -594,8 +742,9 @@ def run_one(p: Plan, ds, card: Card, seed: int, rdir: Path, extractor: Extractor
             m, s, _ = evaluate_point(model, sampler, seed, settings, ref, extractor, reference, fast=opts.fast,
                                      progress=opts.progress)
             rec.sweeps.append(EvalPoint(name, param, value, sampler, m, s, prov))
-    store.write_record(rdir, rec)   # last: marks the run finished
-    (rdir / store.CHECKPOINT_FILE).unlink(missing_ok=True)
+    if writes:
+        store.write_record(rdir, rec)   # last: marks the run finished
+        (rdir / store.CHECKPOINT_FILE).unlink(missing_ok=True)
     return rec.status
 
 

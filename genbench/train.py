@@ -9,6 +9,12 @@ interrupted run continue where it stopped.
 
 On a CPU every part of the fast path is off by default and training is bit-identical to the loop before
 it (tests/test_train_fast.py holds it to a copy of that loop, family by family).
+
+Under torchrun at world N > 1 (genbench/distributed.py) the same loop runs on every rank: rank r takes
+its slice of the global batch one process would take, gradients are averaged over the ranks inside each
+backward pass, buffers are rank 0's after each step, torch's generator is seeded per step from (seed,
+step, rank), the logs are averaged over the ranks at each flush (so every rank takes the same divergence
+decision), and only rank 0 writes checkpoints. At world 1 none of this runs.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from genbench import distributed as gdist
 from genbench.data import Data, to_model_range
 from genbench.families.base import Batch, GenerativeModel
 from genbench.fastpath import compile_networks, uncompile_networks, uses_cudagraphs
@@ -156,8 +163,10 @@ class LogBuffer:
     that step (steps, kimg, phase kimg, the log ending with that row) and marks the run diverged, so the
     record is the one a per-step check would have written. Steps run after it are discarded."""
 
-    def __init__(self, state: TrainState, every: int, inject_nan_at_step: int | None = None):
+    def __init__(self, state: TrainState, every: int, inject_nan_at_step: int | None = None,
+                 reduce: Callable[[list[dict]], list[dict]] | None = None):
         self.state, self.every, self.inject = state, max(1, int(every)), inject_nan_at_step
+        self.reduce = reduce   # across ranks (distributed.mean_logs), after any injected NaN
         self.rows: list[_Pending] = []
 
     def add(self, phase: str, logs: dict) -> None:
@@ -175,9 +184,13 @@ class LogBuffer:
         if not rows:
             return False
         st = self.state
-        for row, logs in zip(rows, host_logs([r.logs for r in rows])):
-            if self.inject is not None and row.step == self.inject:
-                logs = {k: math.nan for k in logs} or {"loss": math.nan}
+        values = host_logs([r.logs for r in rows])
+        if self.inject is not None:
+            values = [({k: math.nan for k in logs} or {"loss": math.nan}) if row.step == self.inject else logs
+                      for row, logs in zip(rows, values)]
+        if self.reduce is not None:
+            values = self.reduce(values)
+        for row, logs in zip(rows, values):
             st.log.append({"kimg": round(row.kimg, 4), "phase": row.phase, **logs})
             bad = _bad_log(logs)
             if bad is not None:
@@ -336,12 +349,18 @@ def _load_checkpoint(path: Path, model, ema, device, log) -> dict | None:
 class Batcher:
     """Training batches in a seeded random order, reshuffled when fewer than batch_size rows remain (the
     loop's order since the first version, so runs and resumed runs see the same batches). `perm` stays
-    on the host for checkpoints; the indices used live where the data lives (no host copy per step)."""
+    on the host for checkpoints; the indices used live where the data lives (no host copy per step).
+
+    `part=(r, n)`: rank r of n gets rows [r * b/n, (r + 1) * b/n) of each global batch of b (the order and
+    the global batches are the same at every world size)."""
 
     def __init__(self, data: Data, batch_size: int, gen: torch.Generator, device, *, perm=None, pos: int = 0,
-                 channels_last: bool = False):
+                 channels_last: bool = False, part: tuple[int, int] | None = None):
         self.data, self.batch_size, self.gen, self.device = data, batch_size, gen, torch.device(device)
         self.channels_last = channels_last
+        if part is not None and batch_size % part[1]:
+            raise ValueError(f"batch size {batch_size} does not divide over {part[1]} ranks")
+        self.part = part
         self.perm = perm if perm is not None else torch.randperm(len(data), generator=gen)
         self.pos = pos
         self._at = self._where(self.perm)
@@ -356,6 +375,10 @@ class Batcher:
             self._at = self._where(self.perm)
         idx = self._at[self.pos:self.pos + self.batch_size]
         self.pos += self.batch_size
+        if self.part is not None:   # this rank's slice of the global batch
+            r, n = self.part
+            b = self.batch_size // n
+            idx = idx[r * b:(r + 1) * b]
         d = self.data
         if d.x.device == self.device or not d.is_image:
             x = d.model_input(idx).to(self.device, non_blocking=True)
@@ -387,13 +410,31 @@ def train(model: GenerativeModel, data: Data, *, budget_kimg: float, batch_size:
     device = model.device
     on_cuda = device.type == "cuda"
     use_bf16 = bf16 and fast.bf16 and on_cuda
+    dist = gdist.current()   # None: one process, the loop as it always was
+    n_ranks = dist.world if dist is not None else 1
+    writes = dist is None or dist.main   # only rank 0 writes checkpoints
+    if batch_size % n_ranks:
+        raise ValueError(f"batch size {batch_size} does not divide over {n_ranks} ranks")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     ema = copy.deepcopy(model).requires_grad_(False) if ema_decay else None
     state = TrainState()
     phases = model.phases()
     ckpt_path = Path(run_dir) / CHECKPOINT_FILE if run_dir else None
-    ckpt = _load_checkpoint(ckpt_path, model, ema, device, log) if ckpt_path is not None else None
+    if dist is None:
+        ckpt = _load_checkpoint(ckpt_path, model, ema, device, log) if ckpt_path is not None else None
+    else:
+        # Rank 0 reads the checkpoint (to the host: it travels by pickle) and hands it to every rank;
+        # every rank loads it before its gradients are hooked up, then takes rank 0's weights (as DDP).
+        ckpt = _load_checkpoint(ckpt_path, model, ema, "cpu", log) if ckpt_path is not None and writes else None
+        ckpt = gdist.broadcast_object(ckpt)
+        if ckpt is not None and not writes:
+            model.load_state_dict(ckpt["model"])
+            if ema is not None and ckpt.get("ema") is not None:
+                ema.load_state_dict(ckpt["ema"])
+        gdist.broadcast_module_(model)
+        if ema is not None:
+            gdist.broadcast_module_(ema)
     if ckpt is not None:
         # The checkpoint was loaded onto the model's device; the generators' states and the batch order
         # live on the host (a CUDA resume handed them over as CUDA tensors, which set_state refuses).
@@ -411,7 +452,8 @@ def train(model: GenerativeModel, data: Data, *, budget_kimg: float, batch_size:
     mark_step = uses_cudagraphs(fast.compile) and on_cuda
     foreach_ema = fast.fused and on_cuda
     data, data_moved = device_data(data, device, fast)
-    logbuf = LogBuffer(state, fast.logs_every(device), inject_nan_at_step)
+    logbuf = LogBuffer(state, fast.logs_every(device), inject_nan_at_step,
+                       reduce=gdist.mean_logs if dist is not None else None)
     tensor_logs = _ask_tensor_logs(model, logbuf.every > 1)
     used = {**fast.describe(device), "bf16": use_bf16, "channels_last": channels_last, "compiled": compiled,
             "data_on_device": data_moved, "fused_optimizers": [], "first_step_s": []}
@@ -421,13 +463,22 @@ def train(model: GenerativeModel, data: Data, *, budget_kimg: float, batch_size:
     t_start = time.time() - state.wall_s
     t_ckpt = time.time()
     next_eval = (math.floor(state.kimg / every_kimg) + 1) * every_kimg if every_kimg else math.inf
-    batches = (Batcher(data, batch_size, gen, device, perm=ckpt["perm"], pos=ckpt["pos"], channels_last=channels_last)
-               if ckpt is not None else Batcher(data, batch_size, gen, device, channels_last=channels_last))
+    part = (dist.rank, dist.world) if dist is not None else None
+    batches = (Batcher(data, batch_size, gen, device, perm=ckpt["perm"], pos=ckpt["pos"], channels_last=channels_last,
+                       part=part)
+               if ckpt is not None else Batcher(data, batch_size, gen, device, channels_last=channels_last, part=part))
+    averager = None
     try:
         while state.phase_index < len(phases) and state.diverged_at_kimg is None:
             phase = phases[state.phase_index]
             phase_budget = budget_kimg * phase.share
             model.start_phase(phase)
+            if dist is not None:
+                # a phase may build or unfreeze networks: rank 0's weights, then its trainable set hooked
+                gdist.broadcast_module_(model)
+                if averager is not None:
+                    averager.remove()
+                averager = gdist.GradAverager(model.parameters())
             opts = model.configure_optimizers(phase)
             if ckpt is not None and ckpt["optimizers"] and set(ckpt["optimizers"]) == set(opts):
                 for k, o in opts.items():
@@ -441,17 +492,25 @@ def train(model: GenerativeModel, data: Data, *, budget_kimg: float, batch_size:
                 batch = batches.next()
                 if mark_step:
                     torch.compiler.cudagraph_mark_step_begin()
+                if dist is not None:   # the families' noise: from (seed, step, rank), nothing to checkpoint
+                    torch.manual_seed(gdist.step_seed(seed, state.steps, dist.rank))
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                     logs = model.train_step(batch, phase, opts)
+                if dist is not None:   # batch-norm statistics, codebooks, counters: rank 0's
+                    gdist.broadcast_module_(model, buffers_only=True)
                 state.steps += 1
-                done = batch.x.shape[0] / 1000.0
+                done = batch.x.shape[0] * n_ranks / 1000.0
                 state.phase_kimg += done
                 state.kimg += done
                 # whole batches overshoot the budget by up to one batch: the bar stops at its total
                 bar.update(max(0.0, min(done, bar.total - bar.n)))
                 logbuf.add(phase.name, logs)
                 want_eval = state.kimg >= next_eval - 1e-9 and cheap_eval is not None
-                want_ckpt = ckpt_path is not None and time.time() - t_ckpt > checkpoint_every_s
+                want_ckpt = writes and ckpt_path is not None and time.time() - t_ckpt > checkpoint_every_s
+                if dist is not None:
+                    # a flush is a collective, so every rank must flush at the same steps: rank 0 saves at
+                    # the first flush after its interval (every step on a CPU, every log_every on CUDA)
+                    want_ckpt = want_ckpt and (logbuf.full or want_eval)
                 # Logs reach the host every K steps, and always before anything that must not see a
                 # diverged model: an evaluation point, a checkpoint, the next phase.
                 if (logbuf.full or want_eval or want_ckpt) and logbuf.flush():
@@ -480,6 +539,8 @@ def train(model: GenerativeModel, data: Data, *, budget_kimg: float, batch_size:
                 state.phase_index += 1
                 state.phase_kimg = 0.0
     finally:
+        if averager is not None:
+            averager.remove()
         uncompile_networks(model, compiled)
         _ask_tensor_logs(model, tensor_logs)
     logbuf.flush()   # nothing is left unless a phase loop broke off (then the run has diverged already)

@@ -1,6 +1,10 @@
 """Reference features: extracted once per dataset, split, size, count and extractor weights, cached on
 disk (a thread writes the file while the run goes on), and kept on the extractor's device with their
-FID statistics computed once (`Reference`)."""
+FID statistics computed once (`Reference`).
+
+Under torchrun at world N > 1 only rank 0 reads and writes the cache, and only rank 0 gets the features
+(it alone scores); on a cache miss every rank extracts its block of the reference's batches
+(genbench.distributed.shard: the batches one process extracts) and rank 0 gathers them in image order."""
 from __future__ import annotations
 
 import sys
@@ -27,28 +31,47 @@ def reference_features(extractor: Extractor, data: Data, n_real: int | None, cac
 
     Read from the disk cache when it has them; else extracted, and the cache file written by a thread
     while the caller goes on (50,000 Inception features are 611 MB: about 2.5 s of writing and fsync on
-    the 2-core CPU, work a cold evaluation no longer waits for)."""
+    the 2-core CPU, work a cold evaluation no longer waits for).
+
+    At world N > 1 (torchrun) every rank must call this; rank 0 gets the features and the others None."""
+    from genbench import distributed as gdist
+
     n = len(data) if n_real is None else min(n_real, len(data))
     key = (f"{data.name}-{data.split}-{tuple(data.x.shape[1:])}-{n}-{extractor.spec.name}-"
            f"{(extractor.sha256 or 'nohash')[:16]}.pt").replace(" ", "").replace("/", "_")
     path = Path(cache_dir) / key if cache_dir else None
-    if path is not None and path in _cache_writes:   # written by this process a moment ago
+    dist = gdist.current()
+    main = dist is None or dist.main
+    cached = None
+    if main and path is not None and path in _cache_writes:   # written by this process a moment ago
         _cache_writes.pop(path).join()
-    if path is not None and path.is_file():
+    if main and path is not None and path.is_file():
         cached = _read_cache(path, extractor, n)
-        if cached is not None:
-            return cached
+    if dist is not None:
+        hit = gdist.broadcast_object(cached is not None)
+        if hit:
+            return cached if main else None
+    elif cached is not None:
+        return cached
+    lo, hi = (0, n) if dist is None else gdist.shard(n, batch_size)
     # Inception on a CPU extracts a few images a second: 50,000 reference images take hours, so show it
-    bar = tqdm(total=n, desc=f"reference features ({data.name} {data.split})", unit="img", disable=not progress,
+    bar = tqdm(total=hi - lo, desc=f"reference features ({data.name} {data.split})", unit="img", disable=not progress,
                leave=False)
 
     def counted_batches():   # tqdm's update() returns True when it redraws: never chain on its value
-        for i in range(0, n, batch_size):
-            xb = data.x[i:min(i + batch_size, n)]
+        for i in range(lo, hi, batch_size):
+            xb = data.x[i:min(i + batch_size, hi)]
             yield xb
             bar.update(len(xb))
 
-    feats = extract(extractor, counted_batches(), to_cpu=False)
+    if dist is None:
+        feats = extract(extractor, counted_batches(), to_cpu=False)
+    else:
+        mine = extract(extractor, counted_batches(), to_cpu=False) if hi > lo else {}
+        feats = {k: gdist.gather_rows(mine.get(k), extractor.device) for k in extractor.layers}
+        if not main:
+            bar.close()
+            return None
     bar.close()
     if path is not None:
         host = {k: v.cpu() for k, v in feats.items()}   # one copy now: the thread never touches the device
