@@ -129,8 +129,10 @@ def test_cifar10_suite_path_with_standin_extractor(tmp_path):
 
 
 def test_parallel_jobs_give_the_same_results_as_one_job(tmp_path):
-    """--jobs runs in spawned worker processes; every run must come out bit-identical."""
-    suite = load_suite(str(write_suite(tmp_path, seeds=2)))
+    """--jobs runs in spawned worker processes; every run must come out bit-identical (the smallest
+    suite that still trains, samples, scores and computes a likelihood: the cost is the two spawns)."""
+    suite = load_suite(str(write_suite(tmp_path, seeds=2, budget_kimg=0.064, n_fake=100, cheap_n_fake=50,
+                                       kid_subset_size=50, n_likelihood=64)))
     lines = []
     counts = {}
     for jobs in (1, 2):
