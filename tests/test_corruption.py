@@ -43,6 +43,7 @@ def test_a_truncated_model_is_never_taken_for_a_finished_run(finished):
     assert list(rdir.parent.glob(".replaced-seed0-*"))   # the damaged folder is kept aside, not deleted
 
 
+@pytest.mark.slow
 def test_a_garbage_checkpoint_is_set_aside_and_training_starts_over(finished, tmp_path):
     suite, res, rdir = finished
     good = store.read_record(rdir).metrics
@@ -57,6 +58,7 @@ def test_a_garbage_checkpoint_is_set_aside_and_training_starts_over(finished, tm
     assert store.read_record(rdir2).metrics == good
 
 
+@pytest.mark.slow
 def test_a_garbage_reference_cache_is_rebuilt(finished, tmp_path):
     suite, res, rdir = finished
     good = store.read_record(rdir).metrics
@@ -75,6 +77,7 @@ def test_a_garbage_reference_cache_is_rebuilt(finished, tmp_path):
     assert isinstance(torch.load(res2 / ".cache" / cache.name, weights_only=True), dict)   # rewritten whole
 
 
+@pytest.mark.slow
 def test_a_finished_run_made_with_other_settings_is_named_and_kept_unless_rerun(finished):
     suite, res, rdir = finished
     before = (rdir / "metrics.json").read_bytes()

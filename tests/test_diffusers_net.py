@@ -65,6 +65,7 @@ def suite_with(tmp_path, card_path, **eval_kw):
 # --------------------------------------------------------------------------- training and sampling
 
 
+@pytest.mark.slow
 def test_a_card_with_a_saved_unet_trains_samples_and_reloads(tmp_path):
     unet_dir = save_unet(tmp_path / "unet")
     res = tmp_path / "res"
@@ -139,7 +140,7 @@ def _diffusers_ddim(unet, sched, x, t_of):
 # Measured on this CPU: clipped 7.0e-6 (K=T) and 6.6e-6 (K=12); unclipped 1.5e-5, where the untrained
 # UNet drives |x| to ~800 before the final clamp (float32 rounding relative to that scale).
 @pytest.mark.parametrize("clip,atol", [(True, 2e-5), (False, 4e-5)], ids=["clip_sample", "no_clip"])
-@pytest.mark.parametrize("K", [100, 12], ids=["full_chain", "respaced_12"])
+@pytest.mark.parametrize("K", [pytest.param(100, marks=pytest.mark.slow), 12], ids=["full_chain", "respaced_12"])
 def test_genbench_ddim_equals_diffusers_ddim_scheduler(tmp_path, K, clip, atol):
     diffusers = diffusers_or_skip()
     torch.manual_seed(0)

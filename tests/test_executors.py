@@ -114,6 +114,7 @@ def test_checkpoint_interval_from_options_or_environment(monkeypatch):
 # --------------------------------------------------------------------------- submitit
 
 
+@pytest.mark.slow
 def test_submitit_checkpoint_then_resubmit_resumes_from_the_checkpoint(tmp_path, monkeypatch):
     """submitit's checkpointing, as its own tests exercise it: the job's callable is interrupted after a
     checkpoint.pt, its `checkpoint` method gives the DelayedSubmission, which is resubmitted (debug
@@ -181,6 +182,7 @@ def test_submitit_slurm_job_script_carries_the_cluster_block(tmp_path, monkeypat
         get_executor(p)
 
 
+@pytest.mark.slow
 def test_submitit_debug_cluster_runs_in_this_process_and_matches_local(tmp_path):
     pytest.importorskip("submitit")
     suite_path = write_suite(tmp_path, budget_kimg=0.1)

@@ -179,6 +179,7 @@ def test_eval_samples_folder_and_npz_agree_and_equal_torch_fidelity(tmp_path):
     theirs = torch_fidelity.calculate_metrics(
         input1=str(folder), input2=Wrap(), cuda=False, isc=True, fid=True, kid=True, prc=True,
         feature_extractor="genbench-digits", kid_subset_size=100, verbose=False, cache=False, batch_size=60,
+        save_cpu_ram=True,                                    # no DataLoader worker processes
         rng_seed=0)   # genbench seeds IS splits and KID subsets with the sample set's --seed
     assert a.metrics["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-5)
     assert a.metrics["is_mean"] == pytest.approx(theirs["inception_score_mean"], rel=1e-5)

@@ -62,6 +62,7 @@ def test_forward_equals_torch_fidelity_at_every_tap(weights):
     assert (f[0] - f[1]).abs().max().item() > 1e-2 * f.abs().max().item()
 
 
+@pytest.mark.slow
 def test_build_extractor_uses_it_for_the_requested_layers_only(weights):
     ext = build_extractor(evaluators.INCEPTION, torch.device("cpu"), inception_weights=str(weights))
     assert isinstance(ext.module, MatmulResizeInception)

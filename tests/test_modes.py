@@ -207,12 +207,14 @@ def test_digits_held_out_and_two_classes(digits_feats):
 
 
 @fashion_data
+@pytest.mark.slow
 def test_fashion_noise_reaches_no_mode(fashion_feats):
     st = _modes("fashion", fashion_feats["noise"], fashion_feats["ref"])
     assert st["modes_covered"] <= 1 and st["high_quality_frac"] < 0.05, st
 
 
 @fashion_data
+@pytest.mark.slow
 def test_fashion_held_out_and_two_classes(fashion_feats):
     st = _modes("fashion", fashion_feats["held_out"], fashion_feats["ref"])
     assert st["modes_covered"] >= 9 and st["high_quality_frac"] > 0.6, st
@@ -221,6 +223,7 @@ def test_fashion_held_out_and_two_classes(fashion_feats):
 
 
 @fashion_data
+@pytest.mark.slow
 def test_stacked_fashion_noise_reaches_no_mode():
     """fashion-stacked: joint logits over the 1000 modes, 384-d features (three channels side by side)."""
     ref = data.load("stacked-fashion", "test", size=300).x
@@ -242,6 +245,7 @@ def test_precision_recall_convention_on_a_collapsed_generator(digits_feats):
 
 
 @fashion_data
+@pytest.mark.slow
 def test_precision_recall_convention_on_fashion(fashion_feats):
     # 300 samples' k-NN balls are wide (sandals' reach the sneakers): recall 0.38 here, 0.18 for 380
     # samples against 10,000 reference images (bench/mode_robustness.py)
