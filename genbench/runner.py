@@ -18,11 +18,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import io
-import multiprocessing
 import os
 import time
 import traceback
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -329,15 +327,6 @@ def _short(v) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
-def _set_aside_run(rdir: Path) -> Path:
-    """Move a finished run's folder out of the way (kept for a look; never found as a run again)."""
-    n = 1
-    while (dest := rdir.parent / f".replaced-{rdir.name}-{n}").exists():
-        n += 1
-    os.replace(rdir, dest)
-    return dest
-
-
 def run_suite(p: Plan, log=print) -> dict[str, int]:
     """Run every planned run; returns counts by outcome (complete, diverged, failed, skipped, and
     submitted when jobs were submitted without waiting).
@@ -449,18 +438,9 @@ def execute_run(p: Plan, ds, card: Card, seed: int, tag: str, *, token: str | No
         on_lease(got)
     try:
         with got:
-            if got.took_over is not None and not got.readopted:
-                note(f"{tag}: took over the stale lease of {got.took_over.describe()} ({got.why})")
-            state, line = finished_state(p, ds, card, seed)
-            if state == "skip":
-                return out("skipped", f"{tag}: {line or 'finished meanwhile by another process, skipped'}")
-            if state == "stale":
-                moved = _set_aside_contents(rdir)
-                note(f"{tag}: {line}; the old folder is now {moved.name}")
-            resumed = _checkpoint_kimg(rdir)
-            if resumed is not None:
-                note(f"{tag}: resumes from its checkpoint at {resumed:.4g} kimg")
-            _log_attempt(p, ds, card, seed, got, resumed)
+            decision, line = _decide_under_lease(p, ds, card, seed, tag, got, note)
+            if decision != "go":
+                return out(decision, line)
             status, line = _run_logged(p, ds, card, seed, tag)
     except KeyboardInterrupt:
         if not got.interrupted:
@@ -469,6 +449,25 @@ def execute_run(p: Plan, ds, card: Card, seed: int, tag: str, *, token: str | No
         return out("skipped", f"{tag}: lost its lease to {new} (this process was silent for longer than "
                               f"the stale time); stopped, the new holder goes on")
     return out(status, line)
+
+
+def _decide_under_lease(p: Plan, ds, card: Card, seed: int, tag: str, got, note) -> tuple[str, str | None]:
+    """Under the run's lease: ("skipped", line) when the run finished meanwhile, else ("go", None) after
+    setting a stale run's files aside and noting a takeover or a resume from its checkpoint."""
+    rdir = p.run_dir(ds, card, seed)
+    if got.took_over is not None and not got.readopted:
+        note(f"{tag}: took over the stale lease of {got.took_over.describe()} ({got.why})")
+    state, line = finished_state(p, ds, card, seed)
+    if state == "skip":
+        return "skipped", f"{tag}: {line or 'finished meanwhile by another process, skipped'}"
+    if state == "stale":
+        moved = _set_aside_contents(rdir)
+        note(f"{tag}: {line}; the old folder is now {moved.name}")
+    resumed = _checkpoint_kimg(rdir)
+    if resumed is not None:
+        note(f"{tag}: resumes from its checkpoint at {resumed:.4g} kimg")
+    _log_attempt(p, ds, card, seed, got, resumed)
+    return "go", None
 
 
 def _execute_run_ranks(p: Plan, ds, card: Card, seed: int, tag: str, *, who: str, log=None) -> tuple[str, str]:
@@ -495,20 +494,7 @@ def _execute_run_ranks(p: Plan, ds, card: Card, seed: int, tag: str, *, who: str
                 got = None
             else:
                 got.__enter__()
-                if got.took_over is not None and not got.readopted:
-                    note(f"{tag}: took over the stale lease of {got.took_over.describe()} ({got.why})")
-                state, line = finished_state(p, ds, card, seed)
-                if state == "skip":
-                    decision = ("skipped", f"{tag}: {line or 'finished meanwhile by another process, skipped'}")
-                else:
-                    if state == "stale":
-                        moved = _set_aside_contents(rdir)
-                        note(f"{tag}: {line}; the old folder is now {moved.name}")
-                    resumed = _checkpoint_kimg(rdir)
-                    if resumed is not None:
-                        note(f"{tag}: resumes from its checkpoint at {resumed:.4g} kimg")
-                    _log_attempt(p, ds, card, seed, got, resumed)
-                    decision = ("go", None)
+                decision = _decide_under_lease(p, ds, card, seed, tag, got, note)
         decision = gdist.broadcast_object(decision)
         if decision[0] != "go":
             return decision[0], "\n".join([*notes, decision[1]])

@@ -26,7 +26,7 @@ import pandas as pd
 
 from genbench import metrics as metric_registry
 from genbench.errors import UserError
-from genbench.record import FINAL_STATUSES, STATUSES, EvalPoint, RecordError, RunRecord
+from genbench.record import FINAL_STATUSES, STATUSES, RecordError, RunRecord  # noqa: F401 - statuses re-exported
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"

@@ -2,7 +2,6 @@
 stderr starting "error:", no traceback, and nothing written."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np

@@ -1,7 +1,6 @@
 """The command line through click's CliRunner: the happy path, resume, and every bad input."""
 import json
 
-import pytest
 import torch
 from click.testing import CliRunner
 

@@ -9,7 +9,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from genbench import evaluators, runner, store, train as train_mod
 from genbench.config import load_suite
 from genbench.data import load
-from genbench.families import DataSpec, get_family
+from genbench.families import get_family
 from helpers import TINY_VAE, write_suite
 from test_data import write_fake_cifar10
 
