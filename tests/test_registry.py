@@ -134,3 +134,24 @@ def test_a_copied_card_file_loads_by_path_and_runs_under_its_name(tmp_path):
     suite = load_suite(str(s))
     p = runner.plan(suite, runner.RunOptions(results_dir=tmp_path / "r", device="cpu", progress=False, only=()))
     assert [c.name for c in p.cards] == ["my-vae"] and p.cards[0].traits == {"likelihood": "logistic"}
+
+
+def test_genbench_path_folders_are_searched_before_the_shipped_ones(tmp_path, monkeypatch):
+    """A user's folder on $GENBENCH_PATH (suites/ and models/ inside) wins over the shipped files of the
+    same name; names not there still come from the shipped folders."""
+    from genbench import config
+
+    mine = tmp_path / "mine"
+    (mine / "suites").mkdir(parents=True)
+    (mine / "models").mkdir()
+    d = yaml.safe_load((shipped_dir("models") / "vae.yaml").read_text())
+    d["description"] = "my own vae"
+    (mine / "models" / "vae.yaml").write_text(yaml.safe_dump(d))
+    s = yaml.safe_load(write_suite(tmp_path).read_text())
+    s["name"] = "my-suite"
+    (mine / "suites" / "my-suite.yaml").write_text(yaml.safe_dump(s))
+    monkeypatch.setenv(config.PATH_ENV, f"{tmp_path / 'nothing-here'}:{mine}")
+    suite = load_suite("my-suite")
+    assert suite.name == "my-suite" and config.load_card("vae").description == "my own vae"
+    assert config.load_card("ddpm").path == str(shipped_dir("models") / "ddpm.yaml")
+    assert "my-suite" in config.list_names("suites") and "smoke" in config.list_names("suites")
