@@ -2,19 +2,23 @@
 
 Each side is a results tree or a summary file (summarize() below, written as JSON: a baseline is a
 small committed file such as results/baselines/smoke.json). For every suite x dataset x card x
-evaluation point x metric of the baseline, the current mean over its seeds is checked against the
-baseline's, one-sided in the metric's harmful direction, within a band made from the baseline's
-measured spread over seeds:
+evaluation point x metric of the baseline, the median of the current seeds is checked against the
+median of the baseline's, one-sided in the metric's harmful direction, within a band made from the
+baseline's measured spread over seeds:
 
-    band = t(1 - alpha, n - 1) * s * sqrt(1/n + 1/m)
+    band = t(1 - alpha, n - 1) * s * sqrt(v(n) + v(m))
 
-the prediction bound for the difference between the mean of m new seeds and the mean of the n
-baseline seeds when nothing changed (s: the baseline's std over seeds). One seed of a short CPU run is
-chaotic, and another machine's BLAS acts like another seed, so the band is what lets a clean machine
-pass. alpha = FWER / K for the K band checks (Bonferroni): an unchanged tree fails anywhere with
-chance at most FWER (1% by default), under normality. Then:
-  * a metric whose band is wider than the baseline mean itself (UNSTABLE_REL) cannot tell a value from
-    its double or from zero: reported as "unstable", not gated;
+the prediction bound for the difference between the median of m new seeds and the median of the n
+baseline seeds when nothing changed (s: the baseline's std over seeds; v(k): the variance of the median
+of k standard normals, 1/k for k <= 2, 0.449 for k = 3, about pi/(2k) for large k). One seed of a short
+CPU run is chaotic, and another machine's BLAS acts like another seed, so the band is what lets a clean
+machine pass; the median is what keeps one chaotic seed out of the verdict (with 3 or more current
+seeds a single bad seed cannot fail the gate, a real regression moves them all). Medians also keep the
+two sides' centres comparable when a metric's spread is skewed. alpha = FWER / K for the K band checks
+(Bonferroni): an unchanged tree fails anywhere with chance at most FWER (1% by default), under
+normality. Then:
+  * a metric whose band is wider than the baseline median itself (UNSTABLE_REL) cannot tell a value
+    from its double or from zero: reported as "unstable", not gated;
   * a whole-number metric (modes covered) gets a band of at least 1; a suite's `tolerances` (stored in
     each run's record at run time, never read from the suite file here) are floors under the band;
   * with a one-seed baseline there is no spread: the floor, else 10% of the baseline value;
@@ -26,12 +30,14 @@ them. Exit codes: 0 no regression, 1 regression, 2 unusable input (missing or ma
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from scipy import stats
 
@@ -209,12 +215,48 @@ def load_side(path: str | Path) -> dict:
 # --------------------------------------------------------------------------- the band
 
 
+@functools.lru_cache(maxsize=None)
+def median_variance(m: int) -> float:
+    """Variance of the median of m independent standard normals (1 for m = 1, 1/2 for m = 2, 0.449 for
+    m = 3, about pi/(2m) for large m), by numerical integration of the order statistics' density."""
+    if m < 1:
+        raise ValueError("m must be at least 1")
+    if m > 201:
+        return math.pi / (2 * m)
+    from scipy import integrate
+
+    pdf, cdf = stats.norm.pdf, stats.norm.cdf
+    if m % 2:
+        k = (m + 1) // 2
+        return float(integrate.quad(lambda x: x * x * pdf(x) * stats.beta.pdf(cdf(x), k, m - k + 1), -12, 12,
+                                    limit=200)[0])
+    # Even m: the mean of order statistics k and k+1, whose joint density over x < y is
+    # c F(x)^(k-1) (1 - F(y))^(k-1) f(x) f(y); integrated on a grid (the trapezoid rule is exact to ~1e-7 here).
+    k = m // 2
+    x = np.linspace(-8.0, 8.0, 2001)
+    h = x[1] - x[0]
+    logc = math.lgamma(m + 1) - 2 * math.lgamma(k)
+    lx = (k - 1) * stats.norm.logcdf(x) + stats.norm.logpdf(x)        # the lower statistic's factor
+    ly = (k - 1) * stats.norm.logsf(x) + stats.norm.logpdf(x)         # the upper one's
+    weight = np.triu(np.ones((len(x), len(x))), 1) + 0.5 * np.eye(len(x))   # x < y, the diagonal halved
+    dens = np.exp(logc + lx[:, None] + ly[None, :]) * weight
+    return float((dens * ((x[:, None] + x[None, :]) / 2) ** 2).sum() * h * h)
+
+
+def median(e: dict) -> float:
+    """The median of an entry's per-seed values (its mean when a version-1 summary kept no values)."""
+    v = e.get("values")
+    return float(np.median(v)) if v else float(e["mean"])
+
+
 def band(std: float, n_base: int, n_cur: int, alpha: float) -> float:
-    """One-sided prediction bound (level 1 - alpha) for mean(m new seeds) - mean(n baseline seeds)
-    when nothing changed, from the baseline's std over seeds s: t(1 - alpha, n - 1) s sqrt(1/n + 1/m)."""
+    """One-sided prediction bound (level 1 - alpha) for median(m new seeds) - median(n baseline seeds)
+    when nothing changed, from the baseline's std over seeds s: t(1 - alpha, n - 1) s sqrt(v(n) + v(m)),
+    v(k) the variance of the median of k standard normals (1/k for k <= 2)."""
     if n_base < 2:
         raise ValueError("a band needs at least 2 baseline seeds")
-    return float(stats.t.ppf(1 - alpha, n_base - 1)) * std * math.sqrt(1 / n_base + 1 / max(1, n_cur))
+    return float(stats.t.ppf(1 - alpha, n_base - 1)) * std * math.sqrt(median_variance(n_base) +
+                                                                       median_variance(max(1, n_cur)))
 
 
 @dataclass(frozen=True)
@@ -224,7 +266,7 @@ class Tolerance:
 
 
 def tolerance(entry: dict, n_cur: int, alpha: float) -> Tolerance:
-    """How far the current mean may move in the harmful direction before the check fails."""
+    """How far the current median may move in the harmful direction before the check fails."""
     m = registry.get(entry["metric"])
     if m is not None and m.gate == registry.EXACT:
         return Tolerance(0.0, "exact")
@@ -232,19 +274,19 @@ def tolerance(entry: dict, n_cur: int, alpha: float) -> Tolerance:
     floor = float(floor) if isinstance(floor, (int, float)) else 0.0
     if m is not None and m.integer:
         floor = max(floor, 1.0)
-    mean, n = float(entry["mean"]), int(entry.get("n") or 1)
+    mid, n = median(entry), int(entry.get("n") or 1)
     std = entry.get("std")
     if n < 2 or std is None:
         if floor > 0:
             return Tolerance(floor, "floor (1-seed baseline)")
-        return Tolerance(SINGLE_SEED_REL * abs(mean), f"{SINGLE_SEED_REL:.0%} (1-seed baseline)")
+        return Tolerance(SINGLE_SEED_REL * abs(mid), f"{SINGLE_SEED_REL:.0%} (1-seed baseline)")
     b = band(float(std), n, n_cur, alpha)
     how = f"t-band n={n}, m={n_cur}"
-    if b > UNSTABLE_REL * abs(mean) and b > floor:
-        return Tolerance(None, f"unstable: band {b:.3g} > |mean|")
+    if b > UNSTABLE_REL * abs(mid) and b > floor:
+        return Tolerance(None, f"unstable: band {b:.3g} > |median|")
     if floor > b:
         b, how = floor, "floor"
-    return Tolerance(max(b, FLOAT_NOISE_REL * abs(mean)), how)
+    return Tolerance(max(b, FLOAT_NOISE_REL * abs(mid)), how)
 
 
 # --------------------------------------------------------------------------- the gate
@@ -294,19 +336,20 @@ def gate(baseline: dict, current: dict, fwer: float = FWER) -> tuple[list[dict],
             rows.append({**row, "current": "missing", "delta": "–", "tol": "–",
                          "status": "REGRESSION: missing" if gated else "missing (not gated)"})
             continue
-        row.update(current=_fmt(c["mean"]) + _n(c), delta=f"{c['mean'] - b['mean']:+.4g}")
+        bm, cm = median(b), median(c)
+        row.update(baseline=_fmt(bm) + _n(b), current=_fmt(cm) + _n(c), delta=f"{cm - bm:+.4g}")
         if not info and b.get("extractor_sha256") and c.get("extractor_sha256") and \
                 b["extractor_sha256"] != c["extractor_sha256"]:
             rows.append({**row, "tol": "–", "status": "REGRESSION: extractor changed"})
             continue
-        worse = (b["mean"] - c["mean"]) if higher else (c["mean"] - b["mean"])   # > 0: current is worse
+        worse = (bm - cm) if higher else (cm - bm)   # > 0: the current is worse
         if info:
             rows.append({**row, "tol": "not gated (machine-dependent)",
                          "status": "worse (not gated)" if worse > 0 else "ok (not gated)"})
             continue
         tol = tolerance(b, int(c.get("n") or 1), alpha)
         if m.gate == registry.EXACT:
-            status = "ok" if c["mean"] == b["mean"] else "REGRESSION: changed"
+            status = "ok" if c["mean"] == b["mean"] and cm == bm else "REGRESSION: changed"
         elif tol.value is None:
             status = "unstable (not gated)"
         elif worse > tol.value:
@@ -359,12 +402,13 @@ def render(rows: list[dict], n_reg: int, baseline: str, current: str, n_new: int
         for r in order:
             lines.append("| " + " | ".join(str(r.get(k, "")).replace("|", "\\|") for k, _ in COLUMNS) + " |")
         lines.append("")
-    lines += [f"Tolerance: the one-sided band t(1 - α, n - 1) · s · √(1/n + 1/m) from the baseline's spread over "
-              f"its n seeds (s) for the mean of the current m seeds, α = {fwer:g} / the number of band checks "
+    lines += [f"Tolerance: the one-sided band t(1 - α, n - 1) · s · √(v(n) + v(m)) from the baseline's spread over "
+              f"its n seeds (s) for the median of the current m seeds against the baseline's median (v(k): the "
+              f"variance of the median of k standard normals), α = {fwer:g} / the number of band checks "
               f"(Bonferroni: an unchanged tree fails anywhere with chance ≤ {fwer:g}); a band wider than the "
-              f"baseline mean is too unstable to gate; the suite's tolerances are floors (1 for whole numbers); "
+              f"baseline median is too unstable to gate; the suite's tolerances are floors (1 for whole numbers); "
               f"a one-seed baseline uses its floor or {SINGLE_SEED_REL:.0%}. NFE must match exactly; img/s, "
-              f"ms/img and memory are machine-dependent and not gated. Means are over complete runs."]
+              f"ms/img and memory are machine-dependent and not gated. Medians are over complete runs."]
     return "\n".join(lines) + "\n"
 
 

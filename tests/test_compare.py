@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 import pytest
 
 from genbench import compare as cmp
@@ -55,8 +57,34 @@ def test_band_is_the_t_prediction_bound_with_bonferroni():
     from scipy import stats
 
     b = cmp.band(2.0, 10, 2, 0.001)
-    assert b == pytest.approx(stats.t.ppf(0.999, 9) * 2.0 * (1 / 10 + 1 / 2) ** 0.5)
+    assert b == pytest.approx(stats.t.ppf(0.999, 9) * 2.0 * (cmp.median_variance(10) + 1 / 2) ** 0.5)
     assert cmp.band(2.0, 10, 1, 0.001) > b > cmp.band(2.0, 40, 2, 0.001)   # more seeds: tighter
+
+
+def test_median_variance_is_that_of_normal_samples():
+    """v(m), the variance of the median of m standard normals: exact 1 and 1/2 for m = 1, 2, close to
+    pi/(2m) for large m, and equal to a Monte Carlo estimate for small m (odd and even)."""
+    import numpy as np
+
+    assert cmp.median_variance(1) == pytest.approx(1.0, rel=1e-6)
+    assert cmp.median_variance(2) == pytest.approx(0.5, rel=1e-6)
+    assert cmp.median_variance(401) == pytest.approx(np.pi / 802, rel=1e-9)
+    x = np.random.default_rng(0).standard_normal((200_000, 9))
+    for m in (3, 4, 5, 8):
+        mc = np.median(x[:, :m], axis=1).var()
+        assert cmp.median_variance(m) == pytest.approx(mc, rel=0.02), m
+    assert cmp.median_variance(99) == pytest.approx(np.pi / (2 * 99), rel=0.03)
+
+
+def test_one_chaotic_seed_of_three_cannot_fail_the_gate():
+    base = {"entries": [{"suite": "s", "dataset": "d", "card": "c", "eval": "main", "metric": "fid", "n": 16,
+                         "mean": 20.0, "std": 2.0, "values": [20.0 + 2.0 * z for z in
+                                                               np.linspace(-1.7, 1.7, 16)]}], "runs": []}
+    def cur(values):
+        return {"entries": [dict(base["entries"][0], n=len(values), mean=float(np.mean(values)), std=None,
+                                 values=values)], "runs": []}
+    assert cmp.gate(base, cur([20.5, 45.0, 19.0]))[1] == 0       # one seed far off: the median holds
+    assert cmp.gate(base, cur([30.0, 45.0, 29.0]))[1] == 1       # all seeds worse: a regression
     base = {"entries": [{"suite": "s", "dataset": "d", "card": "c", "eval": "main", "metric": m, "n": 10,
                          "mean": 10.0, "std": 1.0} for m in ("fid", "kid_mean", "mode_kl", "nll_bpd")], "runs": []}
     # 4 band checks at a false-alarm rate of 0.04: each at alpha 0.01

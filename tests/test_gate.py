@@ -48,17 +48,31 @@ def baseline() -> dict:
 
 
 def test_held_out_seeds_pass(baseline):
-    """Leave two seeds out and gate them against a baseline of the rest: an equivalent run from other
-    seeds. The gate's nominal false-alarm rate is 1% for the whole tree (under normality); over all 120
-    pairs of the 16 seeds at most 2% may fail (measured: 1 of 120, ddpm's steps=5 point)."""
+    """Leave three seeds out and gate them against a baseline of the rest: an equivalent run from other
+    seeds, as CI runs three. The gate's nominal false-alarm rate is 1% for the whole tree (under
+    normality); over a spread of 120 of the 560 triples of the 16 seeds at most 2% may fail
+    (measured: none of 200 triples; with two held-out seeds 1 of all 120 pairs)."""
     seeds = sorted(next(e for e in baseline["entries"] if e["eval"] == "main")["seeds"])
-    pairs = list(itertools.combinations(seeds, 2))
+    triples = list(itertools.combinations(seeds, 3))[::4][:120]
     failing = 0
-    for pair in pairs:
-        rest = [s for s in seeds if s not in pair]
-        failing += cmp.gate(_subset(baseline, rest), _subset(baseline, pair))[1] > 0
-    assert len(pairs) == 120
-    assert failing / len(pairs) <= 0.02, failing
+    for held in triples:
+        rest = [s for s in seeds if s not in held]
+        failing += cmp.gate(_subset(baseline, rest), _subset(baseline, held))[1] > 0
+    assert len(triples) == 120
+    assert failing / len(triples) <= 0.02, failing
+
+
+def test_one_chaotic_seed_of_three_does_not_fail_the_committed_baseline(baseline):
+    """Seed 16 of the smoke suite trains a VQ-VAE 4 standard deviations worse than the baseline's 16 seeds
+    (FD 27.9, KID 0.41): with seeds 16 and 17 alone the mean gate failed on KID; with the median of three
+    it passes, as an unchanged tree must. The values are measured ones, committed as
+    results/baselines/smoke-seeds16-18.json (seeds 16 and 17 from a CI run, 18 from the same code)."""
+    extra = cmp.load_summary(BASELINES / "smoke-seeds16-18.json")
+    assert sorted(next(e for e in extra["entries"] if e["eval"] == "main")["seeds"]) == [16, 17, 18]
+    assert cmp.gate(baseline, extra)[1] == 0
+    kid = next(e for e in extra["entries"] if e["card"] == "vqvae-pixelcnn" and e["eval"] == "main"
+               and e["metric"] == "kid_mean")
+    assert max(kid["values"]) > 0.4                  # the chaotic seed is in there
 
 
 def test_a_quartered_training_budget_fails(baseline):
@@ -81,14 +95,14 @@ def test_a_sampler_with_its_steps_cut_fails(baseline):
             e = {**five[e["metric"]], "eval": "main", "sweep_param": None, "sweep_value": None}
         entries.append(e)
     current["entries"] = entries
-    current = _subset(current, set(sorted(five["fid"]["seeds"])[:2]))
+    current = _subset(current, set(sorted(five["fid"]["seeds"])[:3]))
     rows, n = cmp.gate(baseline, current)
     failed = {(r["card"], r["metric"], r["status"]) for r in rows if r["status"].startswith("REGRESSION")}
     assert ("ddpm", "fid", "REGRESSION") in failed and ("ddpm", "nfe", "REGRESSION: changed") in failed
 
 
 def test_unstable_metrics_are_reported_not_gated(baseline):
-    rows, _ = cmp.gate(baseline, _subset(baseline, {0, 1}))
+    rows, _ = cmp.gate(baseline, _subset(baseline, {0, 1, 2}))
     unstable = {(r["card"], r["metric"]) for r in rows if r["status"].startswith("unstable")}
     gated = {(r["card"], r["metric"]) for r in rows if r["status"] in ("ok", "better")}
     assert unstable and gated
@@ -102,7 +116,7 @@ def _genbench(*args, timeout=900):
 
 @pytest.mark.slow
 def test_a_real_quarter_budget_run_fails_the_gate(tmp_path):
-    r = _genbench("run", "--suite", "smoke", "--seeds", 2, "--first-seed", 16, "--jobs", 2, "--budget-kimg", 1.5,
+    r = _genbench("run", "--suite", "smoke", "--seeds", 3, "--first-seed", 16, "--jobs", 2, "--budget-kimg", 1.5,
                   "--results-dir", tmp_path, "--no-progress")
     assert r.returncode == 0, r.stderr
     c = _genbench("compare", BASELINE, tmp_path)
@@ -120,7 +134,7 @@ def test_a_real_run_with_its_steps_cut_fails_the_gate(tmp_path):
     s["overrides"]["ddpm"]["sampler"]["steps"] = 5
     s["cards"], s["sweeps"] = ["ddpm"], []
     (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(s))
-    r = _genbench("run", "--suite", tmp_path / "smoke.yaml", "--seeds", 2, "--first-seed", 16, "--jobs", 2,
+    r = _genbench("run", "--suite", tmp_path / "smoke.yaml", "--seeds", 3, "--first-seed", 16, "--jobs", 2,
                   "--results-dir", tmp_path / "r", "--no-progress")
     assert r.returncode == 0, r.stderr
     c = _genbench("compare", BASELINE, tmp_path / "r")
