@@ -46,7 +46,7 @@ def test_a_metric_registered_once_reaches_record_report_and_gate(tmp_path, dummy
     worse = copy.deepcopy(base)
     for e in worse["entries"]:
         if e["metric"] == "dummy_score":
-            e["mean"] = value / 2                                      # higher is better: halved is a regression
+            e["mean"], e["values"] = value / 2, [value / 2]            # higher is better: halved is a regression
     rows, n_reg = cmp.gate(base, worse)
     assert n_reg == 1 and next(r for r in rows if r["metric"] == "dummy_score")["status"] == "REGRESSION"
 
