@@ -276,10 +276,21 @@ def _pareto(points: pd.DataFrame, x: str, y: str, x_higher: bool) -> pd.DataFram
     return pd.DataFrame(front)
 
 
+def at_run_n(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows sampled at their run's n_fake: a sweep point with its own n_fake (e.g. a 1000-step point
+    timed on 100 samples) has a FID of another sample count, which the quality plots leave out (the
+    claims do the same; the sweep table shows it, marked with its n)."""
+    if "prov_n_fake" not in rows or "run_n_fake" not in rows:
+        return rows
+    p = pd.to_numeric(rows["prov_n_fake"], errors="coerce")
+    r = pd.to_numeric(rows["run_n_fake"], errors="coerce")
+    return rows[p.isna() | r.isna() | (p == r)]
+
+
 def plot_scope(pl: Plotter, tag: str, rows: pd.DataFrame, curves: pd.DataFrame, logs: pd.DataFrame,
                quality: str) -> None:
     sns = pl.sns
-    ok = rows[rows["status"] == "complete"]
+    ok = at_run_n(rows[rows["status"] == "complete"])
     main = ok[ok["eval"] == "main"]
     any_plot = False
     # A feature metric's axis names the extractor whose space it lives in, as the tables' columns do:
@@ -446,7 +457,11 @@ def sweep_table(doc: Doc, rows: pd.DataFrame) -> None:
     ms = [m for m in ("fid", "is_mean", "precision", "recall", "modes_covered", "nfe", "img_per_s")
           if m in sw and _numeric(sw[m]).size]
     body = []
-    sw = sw.assign(_v=pd.to_numeric(sw["sweep_value"], errors="coerce"), _s=sw["sweep_value"].astype(str))
+    # a point sampled at its own n_fake says so: its FID is not comparable with the run's (FID depends on n)
+    other_n = ~sw.index.isin(at_run_n(sw).index)
+    n_tag = np.where(other_n, " (n=" + _col(sw, "prov_n_fake").astype(str).str.replace(r"\.0$", "", regex=True)
+                     + ")", "")
+    sw = sw.assign(_v=pd.to_numeric(sw["sweep_value"], errors="coerce"), _s=sw["sweep_value"].astype(str) + n_tag)
     for (card, ev, sv), g in sw.groupby(["card", "eval", "_s"], sort=False):
         body.append([str(card), str(ev), f"{g['sweep_param'].iloc[0]}={sv}"] + [mean_cell(g[m]) for m in ms])
     order = sorted(range(len(body)), key=lambda i: (body[i][0], body[i][1], _sort_num(body[i][2])))

@@ -350,3 +350,25 @@ def test_a_point_sampled_at_another_n_is_left_out_of_a_sweeps_fid():
     c = claim(frame(rows), "C6")
     step = next(ch for s in c.scopes for ch in s.checks if ch.text.startswith("learned variance"))
     assert step.verdict == NOT_MEASURED
+
+
+def test_c4_ratio_is_tested_on_log_time():
+    """Three timings that vary by a factor of 2.5 (load on a shared CPU): their arithmetic t-interval
+    reaches below zero, but every value is thousands of times the GAN's, and the log-time interval
+    of the ratio says so; a DDPM about 30x slower is contradicted, and noisier, inconclusive."""
+    from genbench.claims import log_ratio_interval
+
+    gan = _speed("dcgan", 1, 5000)
+    ddpm = seeds("ddpm", {"nfe": [1000] * 3, "ms_per_img": [1160.0, 1092.0, 468.0],
+                          "img_per_s": [1000 / 1160, 1000 / 1092, 1000 / 468]})
+    c = claim(frame(gan + ddpm), "C4")
+    check = next(ch for s in c.scopes for ch in s.checks if ch.text.startswith("1000-step DDPM"))
+    assert check.numbers["ddpm ms_per_img ci_lo"] < 0          # the arithmetic interval is useless here
+    assert check.verdict == SUPPORTED and check.numbers["ratio ci_lo"] > 100, check.evidence
+    for times, want in (([7.0, 6.0, 5.0], CONTRADICTED), ([9.0, 6.0, 3.0], INCONCLUSIVE)):
+        slow = seeds("ddpm", {"nfe": [1000] * 3, "ms_per_img": times, "img_per_s": [1000 / t for t in times]})
+        c = claim(frame(gan + slow), "C4")
+        check = next(ch for s in c.scopes for ch in s.checks if ch.text.startswith("1000-step DDPM"))
+        assert check.verdict == want, check.evidence
+    lo, hi = log_ratio_interval([2.0, 2.0, 2.0], [1.0, 1.0])
+    assert lo == hi == 2.0
