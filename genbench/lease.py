@@ -50,6 +50,7 @@ import dataclasses
 import errno
 import json
 import os
+import signal
 import socket
 import tempfile
 import threading
@@ -311,6 +312,7 @@ class Lease:
         self._lock = threading.RLock()
         self._main = threading.current_thread() is threading.main_thread()
         self.on_lost: Callable[["Lease"], None] | None = None
+        self._sigint_before = None
 
     @property
     def token(self) -> str:
@@ -409,14 +411,40 @@ class Lease:
                 except FileNotFoundError:
                     pass
 
+    def _own_sigint(self) -> None:
+        """A lost lease stops the main thread through interrupt_main(), which does nothing when SIGINT is
+        not handled by Python: a process started in the background by a shell without job control
+        (`cmd &` in a script, nohup) inherits SIGINT ignored. Inside the lease a handler raises for a lost
+        lease and otherwise keeps what was there: an ignored Ctrl-C stays ignored."""
+        if not self._main:
+            return
+        before = signal.getsignal(signal.SIGINT)
+        if callable(before):
+            return                   # Python's default_int_handler or the caller's own: interrupt_main works
+        self._sigint_before = before
+
+        def on_sigint(signum, frame):
+            if self.interrupted or before != signal.SIG_IGN:
+                raise KeyboardInterrupt
+        signal.signal(signal.SIGINT, on_sigint)
+
+    def _restore_sigint(self) -> None:
+        if self._sigint_before is not None:
+            signal.signal(signal.SIGINT, self._sigint_before)
+            self._sigint_before = None
+
     def __enter__(self) -> "Lease":
+        self._own_sigint()
         return self.start_heartbeat()
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.suspended and exc_type is not None and issubclass(exc_type, SystemExit):
-            self.stop_heartbeat()     # requeued: the next incarnation takes it back by its token
-            return
-        self.release()
+        try:
+            if self.suspended and exc_type is not None and issubclass(exc_type, SystemExit):
+                self.stop_heartbeat()     # requeued: the next incarnation takes it back by its token
+                return
+            self.release()
+        finally:
+            self._restore_sigint()
 
 
 def acquire(run_dir: Path, *, stale_after_s: float | None = None, token: str | None = None, who: str = "genbench run",

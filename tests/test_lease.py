@@ -326,3 +326,37 @@ def test_kill_9_holder_then_next_run_takes_over_once_stale_and_resumes(tmp_path)
     b = torch.load(store.run_dir(tmp_path / "whole", "tiny", "digits", "vae", 0) / store.MODEL_FILE, weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not list((tmp_path / "r").rglob("lease*.json"))
+
+
+def test_lost_lease_interrupts_a_process_that_ignores_sigint(tmp_path):
+    """A process started in the background by a script (`cmd &` without job control, nohup) inherits
+    SIGINT ignored, where interrupt_main() alone does nothing: the lease still stops the duplicate work,
+    and an outside Ctrl-C stays ignored, inside the lease and after it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import os, signal, sys, time
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        from genbench import lease
+        run = {str(tmp_path / "run")!r}
+        got = lease.acquire(run, stale_after_s=0.5)
+        try:
+            with got:
+                os.kill(os.getpid(), signal.SIGINT)        # an outside Ctrl-C: still ignored
+                time.sleep(0.2)
+                lease._link_new(lease._successor(got.run_dir, got.token), lease.Holder(token="thief").to_json())
+                for _ in range(300):
+                    time.sleep(0.01)
+            print("not interrupted")
+        except KeyboardInterrupt:
+            print("interrupted", got.interrupted)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        print("after: ignored")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["interrupted True", "after: ignored"], out.stdout
