@@ -11,6 +11,9 @@ Rules (stated once, used everywhere; the report prints RULES):
   end of the 95% Welch interval of A's shortfall is within m; contradicted when its lower end is past m.
 - "A spreads more over seeds than B": one-sided F-test on the pooled within-card variances, 5% level.
 - "more diverged runs": one-sided Fisher exact test on diverged vs finished counts, 5% level.
+- "A at least k times slower than B" (times per image): the 95% Welch interval of log A - log B,
+  exponentiated, bounds the ratio; supported when its lower end is >= k, contradicted when its upper
+  end is < k (times vary by factors and cannot be negative, so they are compared on log scale).
 - Deterministic quantities (NFE, counts of diverged runs) are compared directly, whatever the seeds.
 - A claim is a conjunction of checks: in one scope it is contradicted if any check is contradicted,
   supported only if every check was measured and is supported, not measured if no check is, and
