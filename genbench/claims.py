@@ -32,6 +32,7 @@ import pandas as pd
 from scipy import stats
 
 from genbench.anchors import anchor_text
+from genbench.store import at_run_n
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_MEASURED = "supported", "contradicted", "inconclusive", "not measured"
 VERDICTS = (SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_MEASURED)
@@ -331,8 +332,7 @@ class Scope:
               roles: tuple[str, ...] = ()) -> pd.DataFrame:
         """Complete sweep rows over `param`, with numeric sweep values when they are numbers."""
         d = self.df[(self.df["sweep_param"] == param) & (self.df["status"] == "complete")]
-        if "prov_n_fake" in d and "run_n_fake" in d:   # a point sampled at another n is no FID of this scope
-            d = d[d["prov_n_fake"].isna() | d["run_n_fake"].isna() | (d["prov_n_fake"] == d["run_n_fake"])]
+        d = at_run_n(d)   # a point sampled at another n is no FID of this scope
         if cards:
             d = d[d["card"].isin(cards)]
         if roles:

@@ -312,7 +312,7 @@ class Lease:
         self._lock = threading.RLock()
         self._main = threading.current_thread() is threading.main_thread()
         self.on_lost: Callable[["Lease"], None] | None = None
-        self._sigint_before = None
+        self._sigint_before: tuple | None = None   # (the SIGINT handler to put back,) while ours is in place
 
     @property
     def token(self) -> str:
@@ -415,13 +415,14 @@ class Lease:
         """A lost lease stops the main thread through interrupt_main(), which does nothing when SIGINT is
         not handled by Python: a process started in the background by a shell without job control
         (`cmd &` in a script, nohup) inherits SIGINT ignored. Inside the lease a handler raises for a lost
-        lease and otherwise keeps what was there: an ignored Ctrl-C stays ignored."""
+        lease; an ignored Ctrl-C stays ignored, and any other one raises KeyboardInterrupt as Python's own
+        handler does. The handler that was there is put back when the lease ends."""
         if not self._main:
             return
         before = signal.getsignal(signal.SIGINT)
         if callable(before):
             return                   # Python's default_int_handler or the caller's own: interrupt_main works
-        self._sigint_before = before
+        self._sigint_before = (before,)
 
         def on_sigint(signum, frame):
             if self.interrupted or before != signal.SIG_IGN:
@@ -430,7 +431,8 @@ class Lease:
 
     def _restore_sigint(self) -> None:
         if self._sigint_before is not None:
-            signal.signal(signal.SIGINT, self._sigint_before)
+            before = self._sigint_before[0]
+            signal.signal(signal.SIGINT, before if before is not None else signal.SIG_DFL)
             self._sigint_before = None
 
     def __enter__(self) -> "Lease":

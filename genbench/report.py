@@ -276,21 +276,10 @@ def _pareto(points: pd.DataFrame, x: str, y: str, x_higher: bool) -> pd.DataFram
     return pd.DataFrame(front)
 
 
-def at_run_n(rows: pd.DataFrame) -> pd.DataFrame:
-    """Rows sampled at their run's n_fake: a sweep point with its own n_fake (e.g. a 1000-step point
-    timed on 100 samples) has a FID of another sample count, which the quality plots leave out (the
-    claims do the same; the sweep table shows it, marked with its n)."""
-    if "prov_n_fake" not in rows or "run_n_fake" not in rows:
-        return rows
-    p = pd.to_numeric(rows["prov_n_fake"], errors="coerce")
-    r = pd.to_numeric(rows["run_n_fake"], errors="coerce")
-    return rows[p.isna() | r.isna() | (p == r)]
-
-
 def plot_scope(pl: Plotter, tag: str, rows: pd.DataFrame, curves: pd.DataFrame, logs: pd.DataFrame,
                quality: str) -> None:
     sns = pl.sns
-    ok = at_run_n(rows[rows["status"] == "complete"])
+    ok = store.at_run_n(rows[rows["status"] == "complete"])
     main = ok[ok["eval"] == "main"]
     any_plot = False
     # A feature metric's axis names the extractor whose space it lives in, as the tables' columns do:
@@ -458,7 +447,7 @@ def sweep_table(doc: Doc, rows: pd.DataFrame) -> None:
           if m in sw and _numeric(sw[m]).size]
     body = []
     # a point sampled at its own n_fake says so: its FID is not comparable with the run's (FID depends on n)
-    other_n = ~sw.index.isin(at_run_n(sw).index)
+    other_n = ~sw.index.isin(store.at_run_n(sw).index)
     n_tag = np.where(other_n, " (n=" + _col(sw, "prov_n_fake").astype(str).str.replace(r"\.0$", "", regex=True)
                      + ")", "")
     sw = sw.assign(_v=pd.to_numeric(sw["sweep_value"], errors="coerce"), _s=sw["sweep_value"].astype(str) + n_tag)

@@ -252,6 +252,17 @@ def _flat_provenance(prov: dict) -> dict:
     return out
 
 
+def at_run_n(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows sampled at their run's n_fake. A point with its own n_fake (e.g. a 1000-step point timed
+    on 100 samples) has a FID of another sample count: claims leave it out of FID comparisons, the
+    report out of its quality plots (FID depends on n)."""
+    if "prov_n_fake" not in rows or "run_n_fake" not in rows:
+        return rows
+    p = pd.to_numeric(rows["prov_n_fake"], errors="coerce")
+    r = pd.to_numeric(rows["run_n_fake"], errors="coerce")
+    return rows[p.isna() | r.isna() | (p == r)]
+
+
 def rows_of_record(rec: RunRecord) -> list[dict]:
     """One DataFrame row per evaluation point of a run: the main one, then each further point."""
     base = {"suite": rec.suite, "dataset": rec.dataset, "card": rec.card, "family": rec.family, "kind": rec.kind,

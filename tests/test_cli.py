@@ -2,25 +2,10 @@
 import json
 
 import torch
-from click.testing import CliRunner
 
 from genbench import store
-from genbench.cli import main
-from helpers import write_suite
 
-
-def invoke(*args):
-    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return r
-
-
-def assert_one_line_error(r, *needles):
-    assert r.exit_code == 2, r.output
-    lines = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
-    assert "Traceback" not in r.output
-    for n in needles:
-        assert n in lines[0], lines[0]
+from helpers import assert_one_line_error, invoke, write_suite
 
 
 def test_list_names_everything():

@@ -27,7 +27,7 @@ from genbench.config import load_suite
 from genbench.families import DataSpec, get_family
 from genbench.families.diffusion import respaced_timesteps
 from genbench.rng import SeedRNG
-from helpers import write_suite
+from helpers import assert_one_line_error, write_suite
 
 NEEDS = "diffusers is not installed (pip install 'genbench[diffusers]')"
 TINY = {"block_out_channels": [16, 32], "layers_per_block": 1, "norm_num_groups": 8, "attention_head_dim": 8,
@@ -177,14 +177,6 @@ def test_genbench_ddim_equals_diffusers_ddim_scheduler(tmp_path, K, clip, atol):
 # --------------------------------------------------------------------------- bad input: one line, exit 2
 
 
-def assert_one_line(r, *needles):
-    assert r.exit_code == 2, r.output
-    lines = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.output, r.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
 def run_cli(tmp_path, card_path, dry_run: bool):
     s = suite_with(tmp_path, card_path)
     res = tmp_path / "res"
@@ -252,7 +244,7 @@ def test_a_bad_network_is_one_line_before_training(tmp_path, case, dry_run):
     network, extra, needle = BAD[case]
     network = network(tmp_path) if callable(network) else network
     path = card(tmp_path, network, **extra)
-    assert_one_line(run_cli(tmp_path, path, dry_run), needle, str(path))
+    assert_one_line_error(run_cli(tmp_path, path, dry_run), needle, str(path))
 
 
 @pytest.mark.parametrize("kind", ["config", "path"])
@@ -265,8 +257,8 @@ def test_without_diffusers_a_card_that_needs_it_names_the_extra(tmp_path, monkey
     path = card(tmp_path, network)
     monkeypatch.setitem(sys.modules, "diffusers", None)
     for dry in (True, False):
-        assert_one_line(run_cli(tmp_path, path, dry), "pip install 'genbench[diffusers]'", str(path))
-    assert_one_line(CliRunner().invoke(main, ["check-family", str(path)]), "pip install 'genbench[diffusers]'")
+        assert_one_line_error(run_cli(tmp_path, path, dry), "pip install 'genbench[diffusers]'", str(path))
+    assert_one_line_error(CliRunner().invoke(main, ["check-family", str(path)]), "pip install 'genbench[diffusers]'")
 
 
 def test_a_point_dataset_refuses_a_unet(tmp_path):

@@ -28,7 +28,7 @@ from torch import nn
 from genbench import store
 from genbench.cli import main
 from genbench.families import Batch, DataSpec, GenerativeModel, Phase
-from helpers import TINY_VAE, write_suite
+from helpers import TINY_VAE, assert_one_line_error, invoke, write_suite
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "pixelgmm"
@@ -97,18 +97,6 @@ class BatchDependent(TinyGaussian):
 class GanLike(TinyGaussian):
     """Declares the family claims count it in."""
     family = "gan"
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_one_line_error(r, *needles):
-    assert r.exit_code == 2, r.output
-    lines = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.output, r.output
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def write_card(tmp_path: Path, name: str, family: str, params=None, sampler=None, **extra) -> Path:

@@ -81,15 +81,15 @@ def test_readme_table_is_verdicts_json(verdicts):
 
 def test_report_marks_points_sampled_at_another_n():
     """The 1000-step DDPM point is sampled on 100 images (the runs on 500): the report's sweep table
-    says so beside its FID, and the quality plots leave it out (genbench/report.py at_run_n)."""
+    says so beside its FID, and the quality plots leave it out (genbench/store.py at_run_n)."""
     from genbench import claims, report
-    from genbench.store import load_results
+    from genbench.store import at_run_n, load_results
 
     df = claims.normalize(load_results(REF / "claims-digits"))
     doc = report.Doc()
     report.sweep_table(doc, df)
     points = [r[2] for b in doc.blocks if b[0] == "table" for r in b[2] if r[1] == "ancestral-1000"]
     assert points and all(p == "steps=1000 (n=100)" for p in points), points
-    kept = report.at_run_n(df[df["status"] == "complete"])
+    kept = at_run_n(df[df["status"] == "complete"])
     assert not (kept["eval"] == "ancestral-1000").any()
     assert (kept["eval"] == "ancestral-steps").any()

@@ -67,7 +67,8 @@ def check_numbers(check) -> str:
                      f"{_g(nums['shortfall ci_hi'])}] vs margin {_g(nums['margin'])}")
     std_keys = [k for k in rest if k.endswith(" seed std")]
     for k in std_keys:
-        df = nums.get(k.replace(" seed std", " df").rsplit(" ", 1)[0].replace(" fid", "") + " df")
+        label = k[: -len(" seed std")].rsplit(" ", 1)[0]      # "<label> <metric> seed std" -> "<label>"
+        df = nums.get(f"{label} df")
         parts.append(f"{k} {_g(nums[k])}" + (f" (df {int(df)})" if df is not None and not math.isnan(df) else ""))
     div = [k for k in rest if k.endswith(" diverged")]
     for k in div:
