@@ -160,6 +160,9 @@ def main(argv=None) -> int:
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--table", action="store_true")
     a = ap.parse_args(argv)
+    if (a.write or a.check) and not any(Path(a.results_dir).rglob("metrics.json")):
+        print(f"verdicts.py: no run records under {a.results_dir}", file=sys.stderr)
+        return 2
     if a.write:
         got = summarize(a.results_dir)
         old = load_expected() if VERDICTS_FILE.is_file() else {}
